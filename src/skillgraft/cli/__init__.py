@@ -1,0 +1,1 @@
+"""The ``skillgraft`` command line: a thin typer layer over the Python API."""

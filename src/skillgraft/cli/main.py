@@ -1,0 +1,84 @@
+"""Entry point of the ``skillgraft`` command: the typer app, global options and error rendering.
+
+Subcommands live in sibling modules (``skill_cmd``, ``library_cmd``, ``lora_cmd``) and register on ``app``.
+Handlers import heavy modules lazily so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from skillgraft.errors import SkillgraftError
+
+app = typer.Typer(
+    name="skillgraft",
+    help="Extract, store and apply skills (fine-tune deltas) of language models.\n\n"
+    "Example: skillgraft extract ./base ./tuned -o math.skill && skillgraft apply ./base math.skill -o ./merged",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False)
+
+
+class State:
+    quiet = False
+    debug = False
+
+
+@app.callback()
+def _global(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results and errors (no progress)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for skillgraft errors too."),
+) -> None:
+    State.quiet = quiet
+    State.debug = debug or bool(os.environ.get("SKILLGRAFT_DEBUG"))
+
+
+def _register() -> None:
+    from skillgraft.cli import library_cmd, lora_cmd, skill_cmd  # noqa: F401  (registers commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (never raises for user errors)."""
+    _register()
+    args = list(sys.argv[1:] if argv is None else argv)
+    State.quiet = State.debug = False
+    try:
+        rc = app(args=args, prog_name="skillgraft", standalone_mode=False)
+        if isinstance(rc, int):
+            return rc
+    except SkillgraftError as e:
+        if State.debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {e.message}", soft_wrap=True)
+        if e.hint:
+            err_console.print(f"[yellow]hint:[/] {e.hint}", soft_wrap=True)
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        err_console.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted: nothing was written under the output name")
+        return 130
+    except Exception as e:  # click usage errors carry their own exit codes
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

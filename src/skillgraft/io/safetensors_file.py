@@ -1,0 +1,185 @@
+"""The safetensors container, read and written at the byte level.
+
+Reading parses and validates the header (so truncated or corrupt files fail with a clear error before any
+tensor is touched); writing streams tensor bytes to disk so a file is never held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from skillgraft.errors import FormatError
+
+DTYPE_TO_ST = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives inside a safetensors file."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header; returns (tensors, metadata)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise FormatError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise FormatError(f"{path}: not a safetensors file or truncated (header length {n} > file size)")
+            header_bytes = f.read(n)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror})") from e
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from e
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = ST_TO_DTYPE[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            b, e = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise FormatError(f"{path}: corrupt header entry for tensor {name!r} ({err})") from err
+        numel = 1
+        for s in shape:
+            numel *= s
+        if e - b != numel * dtype.itemsize or b < 0 or data_start + e > size:
+            raise FormatError(
+                f"{path}: tensor {name!r} lies outside the file or has the wrong byte length (truncated file?)"
+            )
+        out[name] = TensorInfo(name, dtype, shape, data_start + b, data_start + e)
+    return out, meta
+
+
+class MappedFile:
+    """A read-only mmap of one safetensors file that hands out tensors without copying."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tensors, self.metadata = read_header(path)
+        self._file = open(path, "rb")
+        size = path.stat().st_size
+        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def raw(self, name: str) -> memoryview:
+        info = self.tensors[name]
+        assert self._mm is not None
+        return memoryview(self._mm)[info.begin : info.end]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Return tensor ``name`` as a fresh (writable) CPU tensor."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = bytearray(self.raw(name))
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+        self._file.close()
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+class SafetensorsWriter:
+    """Stream tensors into one safetensors file; the file appears at ``path`` only on :meth:`close`.
+
+    Tensor bytes go to a side file as they arrive; ``close`` writes the header (whose metadata may depend on
+    what was written, e.g. a manifest with measured errors), appends the data and renames into place.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._data_path = self.path.with_name(f".{self.path.name}.data.tmp")
+        self._data = open(self._data_path, "wb")
+        self._entries: dict[str, dict] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._entries:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        if tensor.dtype not in DTYPE_TO_ST:
+            raise ValueError(f"dtype {tensor.dtype} cannot be stored in safetensors")
+        data = _tensor_bytes(tensor)
+        self._data.write(data)
+        self._entries[name] = {
+            "dtype": DTYPE_TO_ST[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.nbytes, self.nbytes + len(data)],
+        }
+        self.nbytes += len(data)
+
+    def names(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def close(self, metadata: dict[str, str] | None = None) -> int:
+        """Write the final file; returns its size in bytes."""
+        self._data.close()
+        header: dict = dict(self._entries)
+        if metadata:
+            header["__metadata__"] = metadata
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with open(tmp, "wb") as out, open(self._data_path, "rb") as src:
+                out.write(struct.pack("<Q", len(hb)))
+                out.write(hb)
+                while chunk := src.read(64 << 20):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            self._data_path.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+        return 8 + len(hb) + self.nbytes
+
+    def abort(self) -> None:
+        self._data.close()
+        self._data_path.unlink(missing_ok=True)
