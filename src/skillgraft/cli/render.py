@@ -6,7 +6,14 @@ import contextlib
 import json
 from collections.abc import Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from skillgraft.cli.main import State, console, err_console
 from skillgraft.progress import ProgressFn, no_progress

@@ -134,7 +134,9 @@ class Checkpoint:
         """Stored tensor names in a stable order (file order, then offset)."""
         if self._pickled is not None:
             return list(self._pickled)
-        return sorted(self._where, key=lambda n: (self._where[n], self._files[self._where[n]].tensors[n].begin))
+        return sorted(
+            self._where, key=lambda n: (self._where[n], self._files[self._where[n]].tensors[n].begin)
+        )
 
     def __contains__(self, name: str) -> bool:
         return name in (self._pickled if self._pickled is not None else self._where)

@@ -59,7 +59,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 raise FormatError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER or 8 + n > size:
-                raise FormatError(f"{path}: not a safetensors file or truncated (header length {n} > file size)")
+                raise FormatError(
+                    f"{path}: not a safetensors file or truncated (header length {n} > file size)"
+                )
             header_bytes = f.read(n)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror})") from e

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from skillgraft.io.writer import CheckpointWriter, check_output
 from skillgraft.progress import ProgressFn, no_progress
 from skillgraft.skill.fingerprint import fingerprint_checkpoint, fingerprint_state, model_state
 from skillgraft.skill.pack import SkillPack
-
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,12 @@ class WeightedSkill:
         ref, sep, w = text.rpartition(":")
         if sep and ref:
             try:
-                return cls(ref, float(w))
+                weight = float(w)
             except ValueError:
-                pass
+                return cls(text, 1.0)
+            if not math.isfinite(weight):
+                raise InputError(f"skill weight {w!r} in {text!r} is not a finite number")
+            return cls(ref, weight)
         return cls(text, 1.0)
 
 
@@ -48,7 +51,9 @@ def open_skill(ref: str | Path | SkillPack, library: Path | None = None) -> Skil
     return SkillPack(resolve_skill(str(ref), Library(library) if library else None))
 
 
-def check_fit(pack: SkillPack, shapes: dict[str, tuple[int, ...]], fingerprint: str | None, force: bool) -> None:
+def check_fit(
+    pack: SkillPack, shapes: dict[str, tuple[int, ...]], fingerprint: str | None, force: bool
+) -> None:
     """Refuse a pack made for another base (fingerprint), or whose tensors the base lacks or shapes differ."""
     m = pack.manifest
     if m.base.fingerprint and fingerprint and m.base.fingerprint != fingerprint and not force:
@@ -92,7 +97,9 @@ def apply_to_checkpoint(
     packs = [(open_skill(s, library), float(w)) for s, w in skills]
     with Checkpoint(base, allow_pickle) as ckpt:
         shapes = {n: ckpt.shape(n) for n in ckpt.names()}
-        fp = fingerprint_checkpoint(ckpt).content if _needs_fingerprint([p for p, _ in packs], force) else None
+        fp = (
+            fingerprint_checkpoint(ckpt).content if _needs_fingerprint([p for p, _ in packs], force) else None
+        )
         for p, _ in packs:
             check_fit(p, shapes, fp, force)
         touched = 0
@@ -109,8 +116,13 @@ def apply_to_checkpoint(
             progress("apply", len(names), len(names))
     for p, _ in packs:
         p.close()
-    return {"out": str(out), "tensors": len(shapes), "changed": touched, "bytes": writer.total_bytes,
-            "skills": [{"name": p.manifest.name, "version": p.manifest.version, "weight": w} for p, w in packs]}
+    return {
+        "out": str(out),
+        "tensors": len(shapes),
+        "changed": touched,
+        "bytes": writer.total_bytes,
+        "skills": [{"name": p.manifest.name, "version": p.manifest.version, "weight": w} for p, w in packs],
+    }
 
 
 def _add(t: torch.Tensor, name: str, users: list[tuple[SkillPack, float]]) -> torch.Tensor:

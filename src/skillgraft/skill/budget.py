@@ -13,7 +13,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Options:
-    """The candidate encodings of one tensor: parallel arrays (option 0 is always "omit")."""
+    """The candidate encodings of one tensor: parallel arrays (option 0 is the cheapest, usually "omit")."""
 
     name: str
     encodings: tuple[str, ...]  # "omit" | "lowrank" | "sparse" | "dense"
@@ -43,7 +43,7 @@ def allocate(opts: list[Options], budget: int) -> list[int]:
     while _total(opts, _pick(opts, hi)) > budget:
         hi *= 10.0
         if hi > 1e300:
-            return [0] * len(opts)  # only "omit" fits
+            return [int(np.argmin(o.nbytes)) for o in opts]  # only the cheapest options fit
     lo = hi / 10.0
     for _ in range(60):  # geometric bisection: lo is over budget, hi fits
         mid = float(np.sqrt(lo * hi))

@@ -26,13 +26,19 @@ def store_dtype_for(t: torch.Tensor, preferred: torch.dtype = torch.float16) -> 
     return preferred
 
 
-def encode_dense(delta: torch.Tensor, base: torch.Tensor | None, tuned: torch.Tensor | None) -> tuple[dict, dict]:
+def encode_dense(
+    delta: torch.Tensor, base: torch.Tensor | None, tuned: torch.Tensor | None
+) -> tuple[dict, dict]:
     """Store the delta in the smallest float dtype that still reproduces ``tuned`` bit for bit from ``base``.
 
     When base/tuned are not given (e.g. a delta from an adapter) the delta is kept in fp32.
     """
     chosen = torch.float32
-    if base is not None and tuned is not None and tuned.dtype in (torch.float16, torch.bfloat16, torch.float32):
+    if (
+        base is not None
+        and tuned is not None
+        and tuned.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    ):
         for cand in (tuned.dtype, torch.float16, torch.float32):
             if cand.itemsize > torch.float32.itemsize:
                 continue
@@ -112,7 +118,9 @@ def decode(entry: dict, get) -> torch.Tensor:
             out[get("idx").long()] = get("val").float()
             return out.reshape(shape)
     except (RuntimeError, IndexError, KeyError) as e:
-        raise FormatError(f"tensor {entry.get('name')!r}: stored {enc} parts do not fit its shape {shape} ({e})") from e
+        raise FormatError(
+            f"tensor {entry.get('name')!r}: stored {enc} parts do not fit its shape {shape} ({e})"
+        ) from e
     raise FormatError(f"tensor {entry.get('name')!r}: unknown encoding {enc!r}")
 
 

@@ -30,6 +30,7 @@ from skillgraft.skill.svd import balanced_factors, top_singular
 
 SPARSE_GRID = np.geomspace(1e-4, 0.5, 28)
 SAMPLE = 1 << 20
+TIED_EMBEDDING_WEIGHT = 2.0  # error weight of a tied embedding in the allocation: it acts twice
 FILE_OVERHEAD = 4096  # safetensors header basics + manifest top-level fields (provenance added on top)
 
 
@@ -60,7 +61,9 @@ class ExtractSpec:
             raise InputError("choose one of --rank, --density and --dense")
         budget = None if any(modes) else (self.budget if self.budget is not None else 0.02)
         if budget is not None and not 0 < budget <= 1:
-            raise InputError(f"budget {budget} is outside (0, 1]", hint="write it as a percentage, e.g. --budget 2%")
+            raise InputError(
+                f"budget {budget} is outside (0, 1]", hint="write it as a percentage, e.g. --budget 2%"
+            )
         if self.rank is not None and self.rank < 1:
             raise InputError(f"rank {self.rank} must be >= 1")
         if self.density is not None and not 0 < self.density <= 1:
@@ -153,15 +156,20 @@ def lowrank_bytes(m: int, n: int, r: int, int8: bool) -> int:
     return r * (m + n) + 4 * (m + r) if int8 else 2 * r * (m + n)
 
 
-def _options(name: str, delta: torch.Tensor, kind: str, itemsize: int, cap: int, spill: Path, spec: ExtractSpec) -> Options:
+def _options(
+    name: str, delta: torch.Tensor, kind: str, itemsize: int, cap: int, spill: Path, spec: ExtractSpec
+) -> Options:
     """Profile one tensor: its candidate encodings with byte costs and estimated squared errors."""
     numel = delta.numel()
     energy = float(delta.double().pow(2).sum())
     over = 2 * len(name) + 400  # header entries + manifest entry
-    enc, lev, nb, err = ["omit"], [0], [0], [energy]
-    enc.append("dense"), lev.append(0), nb.append(numel * _dense_dtype(delta, itemsize).itemsize + over)
-    err.append(0.0)
-    if delta.dim() == 2 and kind != "norm":
+    dense_bytes = numel * _dense_dtype(delta, itemsize).itemsize + over
+    if kind == "norm" or delta.dim() < 2:
+        # Norm scales and biases are tiny but multiply activations: small in bytes, large in effect, so
+        # they are always kept, exactly enough (their cost is charged to the budget first).
+        return Options(name, ("dense",), np.zeros(1, dtype=np.int64), np.array([dense_bytes]), np.zeros(1))
+    enc, lev, nb, err = ["omit", "dense"], [0, 0], [0, dense_bytes], [energy, 0.0]
+    if delta.dim() == 2:
         m, n = delta.shape
         k = min(cap, m, n)
         u, s, vh = top_singular(delta, k, seed=spec.seed)
@@ -171,7 +179,7 @@ def _options(name: str, delta: torch.Tensor, kind: str, itemsize: int, cap: int,
         for r in range(1, k + 1):
             enc.append("lowrank"), lev.append(r), nb.append(lowrank_bytes(m, n, r, spec.int8) + over)
             err.append(max(0.0, energy - float(cum[r - 1])))
-    if kind != "norm" and numel > 64:
+    if numel > 64:
         flat = delta.reshape(-1)
         if numel > SAMPLE:  # estimate the magnitude curve from a seeded sample
             g = torch.Generator().manual_seed(spec.seed)
@@ -247,8 +255,13 @@ def extract(spec: ExtractSpec, progress: ProgressFn = no_progress) -> ExtractRes
                 reports = _write(spec, base, tuned, plan, writer, model_type, progress)
                 prov = provenance(spec.command, sources=[str(spec.base), str(spec.tuned)])
                 manifest = Manifest(
-                    name=spec.name or "skill", version=spec.version, base=identity, tensors={},
-                    description=spec.description, tags=tuple(spec.tags), provenance=prov,
+                    name=spec.name or "skill",
+                    version=spec.version,
+                    base=identity,
+                    tensors={},
+                    description=spec.description,
+                    tags=tuple(spec.tags),
+                    provenance=prov,
                     source={"kind": "finetune", "mode": _mode(spec), "dense_delta_bytes": dense_bytes},
                 )
                 size = writer.close(manifest)
@@ -291,7 +304,10 @@ def _plan(spec, base, tuned, names, tmp: Path, progress: ProgressFn):
         m, n = (delta.shape[0], delta[0].numel()) if delta.dim() >= 2 else (1, delta.numel())
         uniform = spec.budget * delta.numel() * itemsize / (2 * (m + n))
         cap = min(1024, max(16, math.ceil(8 * uniform)))
-        opts.append(_options(name, delta, kind, itemsize, cap, spill, spec))
+        o = _options(name, delta, kind, itemsize, cap, spill, spec)
+        if kind == "embedding" and base.tied_embeddings:  # a tied embedding is also the output head
+            o = Options(o.name, o.encodings, o.levels, o.nbytes, o.err * TIED_EMBEDDING_WEIGHT)
+        opts.append(o)
         plan[name] = (("omit", 0), spill if spill.exists() else None)
     progress("scan" if spec.budget is None else "profile", len(names), len(names))
     if spec.budget is not None:
@@ -303,7 +319,9 @@ def _plan(spec, base, tuned, names, tmp: Path, progress: ProgressFn):
     return plan, dense_bytes
 
 
-def _write(spec, base, tuned, plan, writer: PackWriter, model_type, progress: ProgressFn) -> list[TensorReport]:
+def _write(
+    spec, base, tuned, plan, writer: PackWriter, model_type, progress: ProgressFn
+) -> list[TensorReport]:
     """Pass 2: encode every planned tensor, measure its error, stream it into the pack."""
     reports = []
     todo = [n for n, (c, _) in plan.items() if c[0] != "omit"]

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import re
 
-ATTN = re.compile(r"(self_attn|attention|\.attn\.|q_proj|k_proj|v_proj|o_proj|qkv|c_attn|query|key|value|out_proj)")
-MLP = re.compile(r"(mlp|ffn|feed_forward|gate_proj|up_proj|down_proj|fc1|fc2|c_fc|dense_h_to_4h|dense_4h_to_h|w1|w2|w3)")
+ATTN = re.compile(
+    r"(self_attn|attention|\.attn\.|q_proj|k_proj|v_proj|o_proj|qkv|c_attn|query|key|value|out_proj)"
+)
+MLP = re.compile(
+    r"(mlp|ffn|feed_forward|gate_proj|up_proj|down_proj|fc1|fc2|c_fc|dense_h_to_4h|dense_4h_to_h|w1|w2|w3)"
+)
 EMBED = re.compile(r"(embed|wte|wpe|lm_head|word_embeddings|position_embeddings|shared)")
 NORM = re.compile(r"(norm|ln_|layernorm|\.ln\d?\.)", re.IGNORECASE)
 # GPT-2 style Conv1D modules store weights as [in, out] ("fan_in_fan_out").

@@ -10,7 +10,9 @@ import torch
 EXACT_LIMIT = 1024  # below this smaller dimension a full SVD is cheap enough and exact
 
 
-def top_singular(a: torch.Tensor, k: int, seed: int = 0, niter: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular(
+    a: torch.Tensor, k: int, seed: int = 0, niter: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` singular triplets (U [m,k], S [k], Vh [k,n]) of a 2-D fp32 matrix."""
     a = a.float()
     m, n = a.shape
@@ -30,6 +32,8 @@ def top_singular(a: torch.Tensor, k: int, seed: int = 0, niter: int = 2) -> tupl
     return (q @ ub)[:, :k], s[:k], vh[:k]
 
 
-def balanced_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_factors(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     root = s[:r].sqrt()
     return (u[:, :r] * root).contiguous(), (root[:, None] * vh[:r]).contiguous()
