@@ -45,9 +45,7 @@ def build(config, seed: int = 0, dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_config(config).to(dtype).eval()
 
 
-def finetune_like(
-    model, seed: int = 1, scale: float = 0.02, rank: int = 4, skip: tuple[str, ...] = ()
-) -> None:
+def finetune_like(model, seed: int = 1, scale: float = 0.02, rank: int = 4, skip: tuple[str, ...] = ()) -> None:
     """Perturb a model in place the way fine-tunes look: low-rank-plus-noise on matrices, noise on vectors."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -115,6 +113,4 @@ def logits(model, seed: int = 0) -> torch.Tensor:
 
 def leftovers(directory: Path) -> list[str]:
     """Temporary files/directories a failed write could have left behind."""
-    return sorted(
-        p.name for p in Path(directory).iterdir() if ".partial" in p.name or p.name.endswith(".tmp")
-    )
+    return sorted(p.name for p in Path(directory).iterdir() if ".partial" in p.name or p.name.endswith(".tmp"))

@@ -10,17 +10,17 @@ import json
 import shutil
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from conftest import leftovers, load, logits
 
+from skillgraft import apply, apply_to_checkpoint
 from skillgraft.cli.main import main
 from skillgraft.errors import MismatchError, UnsupportedError
 from skillgraft.io.peft_adapter import export_lora, import_lora
 from skillgraft.skill.encoding import encode_dense
 from skillgraft.skill.pack import BaseIdentity, Manifest, PackWriter, SkillPack
-
-peft = pytest.importorskip("peft")
 
 CASES = {
     "plain": (
@@ -81,6 +81,14 @@ def test_import_matches_merge_and_export_round_trips(case, bases, tmp_path):
     assert untouched == [] or arch == "llama" and set(untouched) == {"lm_head.weight"}  # tied to embed_tokens
     if case == "gpt2_fan_in_fan_out":
         assert all(e["layout"] == "fan_in_fan_out" for e in manifest.tensors.values())
+
+    # apply (written checkpoint and in place) gives the same logits as peft's merge_and_unload()
+    merged_model = copy.deepcopy(model).merge_and_unload().eval()
+    apply_to_checkpoint(base, [(tmp_path / "a.skill", 1.0)], tmp_path / "applied")
+    torch.testing.assert_close(logits(load(tmp_path / "applied")), logits(merged_model), rtol=1e-5, atol=1e-5)
+    in_place = load(base)
+    apply(in_place, [tmp_path / "a.skill"])
+    torch.testing.assert_close(logits(in_place), logits(merged_model), rtol=1e-5, atol=1e-5)
 
     report = export_lora(tmp_path / "a.skill", tmp_path / "exported")
     assert report.max_rel_error == 0.0 and report.dropped == ()
@@ -194,9 +202,7 @@ def test_magnitude_vector_key_refused(plain_adapter, tmp_path):
     sd = {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}
     from safetensors.torch import load_file, save_file
 
-    save_file(
-        {**load_file(adapter / "adapter_model.safetensors"), **sd}, adapter / "adapter_model.safetensors"
-    )
+    save_file({**load_file(adapter / "adapter_model.safetensors"), **sd}, adapter / "adapter_model.safetensors")
     with pytest.raises(UnsupportedError, match="DoRA"):
         import_lora(adapter, tmp_path / "x.skill")
 
