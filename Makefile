@@ -29,6 +29,7 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src/skillgraft
 
 bench: setup
 	$(BIN)/python benchmarks/extract_apply.py

@@ -83,9 +83,7 @@ def add(
         None, "--version", min=1, help="Version number (default: the pack's, or the next free one)."
     ),
     tag: list[str] = typer.Option([], "--tag", "-t", help="Extra tag; repeat for several."),
-    replace: bool = typer.Option(
-        False, "--replace", help="Overwrite NAME@VERSION if it holds other content."
-    ),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite NAME@VERSION if it holds other content."),
     library: Path = LIBRARY_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:

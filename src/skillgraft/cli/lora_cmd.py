@@ -32,14 +32,10 @@ def _command(*parts: object, flags: dict[str, object]) -> str:
 def import_lora_cmd(
     adapter_dir: Path = typer.Argument(..., help="PEFT adapter directory (adapter_config.json + weights)."),
     out: Path = typer.Option(..., "-o", "--out", help="Skill pack to write (NAME.skill)."),
-    base: Path | None = typer.Option(
-        None, "--base", help="Base model directory: check shapes, record fingerprint."
-    ),
+    base: Path | None = typer.Option(None, "--base", help="Base model directory: check shapes, record fingerprint."),
     name: str | None = typer.Option(None, "--name", help="Skill name (default: the output file's stem)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
-    allow_pickle: bool = typer.Option(
-        False, "--allow-pickle", help="Accept adapter_model.bin (pickle; trusted only)."
-    ),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept adapter_model.bin (pickle; trusted only)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     from skillgraft.io.peft_adapter import import_lora

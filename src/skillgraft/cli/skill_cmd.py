@@ -33,22 +33,16 @@ def extract(
     base: Path = typer.Argument(..., help="Base model directory (config.json + safetensors)."),
     tuned: Path = typer.Argument(..., help="Fine-tuned model directory of the same architecture."),
     out: Path = typer.Option(..., "-o", "--out", help="Output skill pack (NAME.skill)."),
-    budget: str = typer.Option(
-        "2%", help="Pack size as a fraction of the dense delta's bytes (e.g. 2% or 0.02)."
-    ),
+    budget: str = typer.Option("2%", help="Pack size as a fraction of the dense delta's bytes (e.g. 2% or 0.02)."),
     rank: int = typer.Option(None, help="Fixed rank for every matrix instead of a budget."),
     density: float = typer.Option(None, help="Fixed fraction of entries kept per tensor (sparse)."),
-    dense: bool = typer.Option(
-        False, "--dense", help="Store exact dense deltas (reproduces TUNED bit for bit)."
-    ),
+    dense: bool = typer.Option(False, "--dense", help="Store exact dense deltas (reproduces TUNED bit for bit)."),
     int8: bool = typer.Option(False, "--int8", help="Quantise low-rank factors to int8 (per-row scales)."),
     name: str = typer.Option(None, help="Skill name (default: the output file's stem)."),
     version: int = typer.Option(1, help="Skill version number."),
     description: str = typer.Option("", help="Free-text description stored in the manifest."),
     tag: list[str] = typer.Option([], "--tag", help="Tag to store (repeatable)."),
-    allow_pickle: bool = typer.Option(
-        False, "--allow-pickle", help="Allow pytorch_model.bin (weights_only)."
-    ),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pytorch_model.bin (weights_only)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     seed: int = typer.Option(0, help="Seed of the randomized SVD."),
     as_json: bool = typer.Option(False, "--json", help="Print the full per-tensor table as JSON."),
@@ -110,9 +104,7 @@ def extract(
 @app.command()
 def apply(
     base: Path = typer.Argument(..., help="Base model directory."),
-    skills: list[str] = typer.Argument(
-        ..., help="SKILL[:WEIGHT] ... (a .skill path or a library reference)."
-    ),
+    skills: list[str] = typer.Argument(..., help="SKILL[:WEIGHT] ... (a .skill path or a library reference)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output model directory."),
     force: bool = typer.Option(False, "--force", help="Apply even if a skill was made for another base."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
@@ -173,9 +165,7 @@ def inspect(
         for name, e in m.tensors.items():
             level = e.get("rank") or e.get("nnz") or ""
             err = e.get("rel_error")
-            table.add_row(
-                name, e["encoding"], str(level), f"{e['bytes']:,}", "?" if err is None else f"{err:.2e}"
-            )
+            table.add_row(name, e["encoding"], str(level), f"{e['bytes']:,}", "?" if err is None else f"{err:.2e}")
         console.print(table)
         info(f"{len(m.tensors)} tensors, {m.total_bytes:,} bytes of tensor data")
 

@@ -47,9 +47,7 @@ class Checkpoint:
         if not self.path.exists():
             raise NotFoundError(f"{self.path}: no such model directory")
         if not self.path.is_dir():
-            raise FormatError(
-                f"{self.path}: expected a Hugging Face model directory (config.json + *.safetensors)"
-            )
+            raise FormatError(f"{self.path}: expected a Hugging Face model directory (config.json + *.safetensors)")
         self.config: dict = self._read_config()
         self._files: dict[str, MappedFile] = {}
         self._where: dict[str, str] = {}
@@ -107,11 +105,7 @@ class Checkpoint:
 
     def _load_pickle(self) -> None:
         index = self.path / PICKLE_INDEX
-        files = (
-            sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            if index.exists()
-            else [PICKLE_SINGLE]
-        )
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [PICKLE_SINGLE]
         tensors: dict[str, torch.Tensor] = {}
         for fname in files:
             try:
@@ -134,9 +128,7 @@ class Checkpoint:
         """Stored tensor names in a stable order (file order, then offset)."""
         if self._pickled is not None:
             return list(self._pickled)
-        return sorted(
-            self._where, key=lambda n: (self._where[n], self._files[self._where[n]].tensors[n].begin)
-        )
+        return sorted(self._where, key=lambda n: (self._where[n], self._files[self._where[n]].tensors[n].begin))
 
     def __contains__(self, name: str) -> bool:
         return name in (self._pickled if self._pickled is not None else self._where)

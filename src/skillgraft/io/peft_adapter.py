@@ -76,9 +76,7 @@ FACTOR_SUFFIXES = {
     ".lora_embedding_A": ("embedding", "a"),
     ".lora_embedding_B": ("embedding", "b"),
 }
-BASE_COPY_SUFFIX = (
-    ".base_layer.weight"  # peft's save_embedding_layers: a full copy of the (maybe resized) base weight
-)
+BASE_COPY_SUFFIX = ".base_layer.weight"  # peft's save_embedding_layers: a full copy of the (maybe resized) base weight
 OUTPUT_HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output)$")
 
 
@@ -135,9 +133,7 @@ def _read_config(adapter_dir: Path) -> dict:
         raise NotFoundError(f"{adapter_dir}: no such adapter directory")
     cfg_path = adapter_dir / ADAPTER_CONFIG
     if not cfg_path.exists():
-        raise NotFoundError(
-            f"{cfg_path}: missing", hint="give a PEFT adapter directory (adapter_config.json)"
-        )
+        raise NotFoundError(f"{cfg_path}: missing", hint="give a PEFT adapter directory (adapter_config.json)")
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -151,9 +147,7 @@ def check_config(config: dict) -> None:
     """Refuse, by name, every adapter type or LoRA variant whose merge is not W + B·A·scale."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise UnsupportedError(
-            f"adapter type {peft_type!r} is not supported (only peft_type LORA)", MERGE_HINT
-        )
+        raise UnsupportedError(f"adapter type {peft_type!r} is not supported (only peft_type LORA)", MERGE_HINT)
     if config.get("bias", "none") != "none":
         raise UnsupportedError(f"LoRA bias (bias={config['bias']!r}) is not supported", MERGE_HINT)
     for field, feature in REFUSED_FIELDS:
@@ -278,11 +272,7 @@ def _base_identity(adapter: LoraAdapter, base: Path | None, allow_pickle: bool) 
                     MERGE_HINT,
                 )
         fp = fingerprint_checkpoint(ckpt)
-        name = str(
-            ckpt.config.get("_name_or_path")
-            or adapter.config.get("base_model_name_or_path")
-            or base.resolve()
-        )
+        name = str(ckpt.config.get("_name_or_path") or adapter.config.get("base_model_name_or_path") or base.resolve())
         return BaseIdentity(name, fp.content, fp.structure, fingerprint_tokenizer(ckpt.path)), dtypes
 
 
@@ -413,9 +403,7 @@ def _plan_export(manifest: Manifest, drop: bool) -> tuple[dict[str, str], tuple[
             dropped.append(param)
             continue
         targets[param] = "embedding" if _is_embedding(param.removesuffix(".weight"), entry) else "linear"
-    layouts = {
-        manifest.tensors[p].get("layout") == "fan_in_fan_out" for p, k in targets.items() if k == "linear"
-    }
+    layouts = {manifest.tensors[p].get("layout") == "fan_in_fan_out" for p, k in targets.items() if k == "linear"}
     if len(layouts) > 1:
         raise UnsupportedError(
             "pack mixes fan_in_fan_out (Conv1D) and Linear weight layouts; a PEFT adapter has one such flag",
@@ -501,11 +489,7 @@ def _write_factors(pack: SkillPack, targets: dict[str, str], rank: int | None, f
         up, down, err = _factors_for(pack, param, rank)
         # ΔW = B·A (Linear) or (B·A)ᵀ (Conv1D with fan_in_fan_out, embeddings) in the parameter's layout
         a, b = (up.T, down.T) if (fifo or layer == "embedding") else (down, up)
-        names = (
-            ("lora_embedding_A", "lora_embedding_B")
-            if layer == "embedding"
-            else ("lora_A.weight", "lora_B.weight")
-        )
+        names = ("lora_embedding_A", "lora_embedding_B") if layer == "embedding" else ("lora_A.weight", "lora_B.weight")
         writer.add(f"{KEY_PREFIX}{module}.{names[0]}", a.contiguous())
         writer.add(f"{KEY_PREFIX}{module}.{names[1]}", b.contiguous())
         rows.append(ExportedModule(module, layer, a.shape[0], err, pack.manifest.tensors[param]["encoding"]))

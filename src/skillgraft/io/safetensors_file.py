@@ -59,9 +59,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 raise FormatError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER or 8 + n > size:
-                raise FormatError(
-                    f"{path}: not a safetensors file or truncated (header length {n} > file size)"
-                )
+                raise FormatError(f"{path}: not a safetensors file or truncated (header length {n} > file size)")
             header_bytes = f.read(n)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror})") from e
@@ -78,17 +76,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         try:
             dtype = ST_TO_DTYPE[entry["dtype"]]
             shape = tuple(int(s) for s in entry["shape"])
-            b, e = (int(x) for x in entry["data_offsets"])
+            begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
             raise FormatError(f"{path}: corrupt header entry for tensor {name!r} ({err})") from err
         numel = 1
         for s in shape:
             numel *= s
-        if e - b != numel * dtype.itemsize or b < 0 or data_start + e > size:
+        if end - begin != numel * dtype.itemsize or begin < 0 or data_start + end > size:
             raise FormatError(
                 f"{path}: tensor {name!r} lies outside the file or has the wrong byte length (truncated file?)"
             )
-        out[name] = TensorInfo(name, dtype, shape, data_start + b, data_start + e)
+        out[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
     return out, meta
 
 
@@ -125,7 +123,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().cpu()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
 
 
 class SafetensorsWriter:

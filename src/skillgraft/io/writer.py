@@ -25,9 +25,7 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 def check_output(path: Path, overwrite: bool) -> None:
     """Refuse an existing output unless ``overwrite``; call before any heavy work."""
     if path.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{path}: output already exists", hint="choose another path or pass --overwrite"
-        )
+        raise OutputExistsError(f"{path}: output already exists", hint="choose another path or pass --overwrite")
     if not path.parent.exists():
         raise OutputExistsError(f"{path.parent}: output's parent directory does not exist")
 
@@ -75,9 +73,7 @@ class CheckpointWriter:
         check_output(self.out_dir, overwrite)
         self.max_shard_bytes = max_shard_bytes
         self.copy_from = copy_from
-        self.tmp = Path(
-            tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".partial", dir=self.out_dir.parent)
-        )
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".partial", dir=self.out_dir.parent))
         self._shards: list[tuple[str, SafetensorsWriter]] = []
         self._weight_map: dict[str, int] = {}
         self.total_bytes = 0
@@ -95,11 +91,7 @@ class CheckpointWriter:
 
     def _finish(self) -> None:
         n = len(self._shards)
-        names = (
-            ["model.safetensors"]
-            if n == 1
-            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for (tmpname, w), final in zip(self._shards, names):
             w.close({"format": "pt"})
             os.replace(self.tmp / tmpname, self.tmp / final)

@@ -24,9 +24,7 @@ from skillgraft.progress import ProgressFn, no_progress
 ENV_VAR = "SKILLGRAFT_LIBRARY"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 60_000
-COLUMNS = (
-    "name, version, sha256, size, tags, description, base_name, base_fingerprint, base_structure, created"
-)
+COLUMNS = "name, version, sha256, size, tags, description, base_name, base_fingerprint, base_structure, created"
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS skills (
     id INTEGER PRIMARY KEY,
@@ -60,9 +58,7 @@ def default_root() -> Path:
 
 def _record(row: tuple) -> SkillRecord:
     name, version, sha, size, tags, desc, bname, bfp, bstruct, created = row
-    return SkillRecord(
-        name, int(version), sha, int(size), tuple(json.loads(tags)), desc, bname, bfp, bstruct, created
-    )
+    return SkillRecord(name, int(version), sha, int(size), tuple(json.loads(tags)), desc, bname, bfp, bstruct, created)
 
 
 def _now() -> str:
@@ -80,9 +76,7 @@ class Library:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_root()
         if self.root.exists() and not self.root.is_dir():
-            raise LibraryError(
-                f"{self.root}: library root is not a directory", hint=f"set ${ENV_VAR} or --library"
-            )
+            raise LibraryError(f"{self.root}: library root is not a directory", hint=f"set ${ENV_VAR} or --library")
         self.blobs = BlobStore(self.root)
         self._conn: sqlite3.Connection | None = None
 
@@ -96,9 +90,7 @@ class Library:
     def _connect(self) -> sqlite3.Connection:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                self.root / "index.sqlite", timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
-            )
+            conn = sqlite3.connect(self.root / "index.sqlite", timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -175,10 +167,7 @@ class Library:
 
     def _not_found(self, r: SkillRef) -> NotFoundError:
         versions = [
-            v
-            for (v,) in self.db.execute(
-                "SELECT version FROM skills WHERE name = ? ORDER BY version", (r.name,)
-            )
+            v for (v,) in self.db.execute("SELECT version FROM skills WHERE name = ? ORDER BY version", (r.name,))
         ]
         if versions:
             return NotFoundError(
@@ -211,9 +200,7 @@ class Library:
         return [
             r
             for r in self._select()
-            if q in r.name.casefold()
-            or q in r.description.casefold()
-            or any(q in t.casefold() for t in r.tags)
+            if q in r.name.casefold() or q in r.description.casefold() or any(q in t.casefold() for t in r.tags)
         ]
 
     # -- changes ------------------------------------------------------------------------------------
@@ -258,8 +245,18 @@ class Library:
                 old = self._select("WHERE name = ? AND version = ?", (name, target))
                 db.execute("DELETE FROM skills WHERE name = ? AND version = ?", (name, target))
                 base = manifest.base
-                values = (name, target, sha, size, json.dumps(all_tags), manifest.description)
-                values += (base.name or "", base.fingerprint, base.structure, _now())
+                values = (
+                    name,
+                    target,
+                    sha,
+                    size,
+                    json.dumps(all_tags),
+                    manifest.description,
+                    base.name or "",
+                    base.fingerprint,
+                    base.structure,
+                    _now(),
+                )
                 db.execute(f"INSERT INTO skills ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
                 for rec in old:
                     self._drop_blob_if_unused(rec.sha256)
@@ -339,9 +336,7 @@ def resolve_skill(ref_or_path: str | Path, library: Library | None = None) -> Pa
     """
     text = str(ref_or_path)
     path = Path(text).expanduser()
-    looks_like_path = (
-        isinstance(ref_or_path, Path) or text.endswith(".skill") or os.sep in text or "/" in text
-    )
+    looks_like_path = isinstance(ref_or_path, Path) or text.endswith(".skill") or os.sep in text or "/" in text
     if path.is_file() or (looks_like_path and path.exists()):
         return path
     if looks_like_path:

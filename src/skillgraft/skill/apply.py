@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +52,7 @@ def open_skill(ref: str | Path | SkillPack, library: Path | None = None) -> Skil
     return SkillPack(resolve_skill(str(ref), Library(library) if library else None))
 
 
-def check_fit(
-    pack: SkillPack, shapes: dict[str, tuple[int, ...]], fingerprint: str | None, force: bool
-) -> None:
+def check_fit(pack: SkillPack, shapes: dict[str, tuple[int, ...]], fingerprint: str | None, force: bool) -> None:
     """Refuse a pack made for another base (fingerprint), or whose tensors the base lacks or shapes differ."""
     m = pack.manifest
     if m.base.fingerprint and fingerprint and m.base.fingerprint != fingerprint and not force:
@@ -80,7 +79,7 @@ def _needs_fingerprint(packs: list[SkillPack], force: bool) -> bool:
 
 def apply_to_checkpoint(
     base: str | Path,
-    skills: list[tuple[str | Path | SkillPack, float]],
+    skills: Sequence[tuple[str | Path | SkillPack, float]],
     out: str | Path,
     *,
     force: bool = False,
@@ -97,9 +96,7 @@ def apply_to_checkpoint(
     packs = [(open_skill(s, library), float(w)) for s, w in skills]
     with Checkpoint(base, allow_pickle) as ckpt:
         shapes = {n: ckpt.shape(n) for n in ckpt.names()}
-        fp = (
-            fingerprint_checkpoint(ckpt).content if _needs_fingerprint([p for p, _ in packs], force) else None
-        )
+        fp = fingerprint_checkpoint(ckpt).content if _needs_fingerprint([p for p, _ in packs], force) else None
         for p, _ in packs:
             check_fit(p, shapes, fp, force)
         touched = 0
@@ -140,7 +137,7 @@ BACKUP_ATTR = "_skillgraft_backup"
 
 def apply(
     model: torch.nn.Module,
-    skills: list[tuple[str | Path | SkillPack, float]] | list[str | Path | SkillPack],
+    skills: Sequence[tuple[str | Path | SkillPack, float] | str | Path | SkillPack],
     *,
     force: bool = False,
     library: Path | None = None,

@@ -26,19 +26,13 @@ def store_dtype_for(t: torch.Tensor, preferred: torch.dtype = torch.float16) -> 
     return preferred
 
 
-def encode_dense(
-    delta: torch.Tensor, base: torch.Tensor | None, tuned: torch.Tensor | None
-) -> tuple[dict, dict]:
+def encode_dense(delta: torch.Tensor, base: torch.Tensor | None, tuned: torch.Tensor | None) -> tuple[dict, dict]:
     """Store the delta in the smallest float dtype that still reproduces ``tuned`` bit for bit from ``base``.
 
     When base/tuned are not given (e.g. a delta from an adapter) the delta is kept in fp32.
     """
     chosen = torch.float32
-    if (
-        base is not None
-        and tuned is not None
-        and tuned.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    ):
+    if base is not None and tuned is not None and tuned.dtype in (torch.float16, torch.bfloat16, torch.float32):
         for cand in (tuned.dtype, torch.float16, torch.float32):
             if cand.itemsize > torch.float32.itemsize:
                 continue
@@ -118,9 +112,7 @@ def decode(entry: dict, get) -> torch.Tensor:
             out[get("idx").long()] = get("val").float()
             return out.reshape(shape)
     except (RuntimeError, IndexError, KeyError) as e:
-        raise FormatError(
-            f"tensor {entry.get('name')!r}: stored {enc} parts do not fit its shape {shape} ({e})"
-        ) from e
+        raise FormatError(f"tensor {entry.get('name')!r}: stored {enc} parts do not fit its shape {shape} ({e})") from e
     raise FormatError(f"tensor {entry.get('name')!r}: unknown encoding {enc!r}")
 
 
@@ -135,8 +127,14 @@ def stored_parts(entry: dict) -> tuple[str, ...]:
     raise FormatError(f"tensor {entry.get('name')!r}: unknown encoding {enc!r}")
 
 
+def sq_norm(t: torch.Tensor) -> float:
+    """‖t‖²_F without an fp64 copy of ``t`` (a BLAS dot product in fp32)."""
+    flat = t.reshape(-1).float()
+    return float(torch.dot(flat, flat)) if flat.numel() else 0.0
+
+
 def rel_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
     """‖Δ − Δ̂‖_F / ‖Δ‖_F (0 for an all-zero Δ reproduced exactly)."""
-    num = torch.linalg.vector_norm((delta - approx).reshape(-1).double()).item()
-    den = torch.linalg.vector_norm(delta.reshape(-1).double()).item()
+    num = sq_norm(delta - approx) ** 0.5
+    den = sq_norm(delta) ** 0.5
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))

@@ -21,7 +21,7 @@ from skillgraft.io.checkpoint import Checkpoint
 from skillgraft.io.writer import check_output
 from skillgraft.progress import ProgressFn, no_progress
 from skillgraft.skill.budget import Options, allocate
-from skillgraft.skill.encoding import decode, encode_dense, encode_lowrank, encode_sparse, rel_error
+from skillgraft.skill.encoding import decode, encode_dense, encode_lowrank, encode_sparse, rel_error, sq_norm
 from skillgraft.skill.fingerprint import fingerprint_checkpoint, fingerprint_tokenizer
 from skillgraft.skill.modules import layout, module_kind
 from skillgraft.skill.pack import BaseIdentity, Manifest, PackWriter, validate_name
@@ -61,9 +61,7 @@ class ExtractSpec:
             raise InputError("choose one of --rank, --density and --dense")
         budget = None if any(modes) else (self.budget if self.budget is not None else 0.02)
         if budget is not None and not 0 < budget <= 1:
-            raise InputError(
-                f"budget {budget} is outside (0, 1]", hint="write it as a percentage, e.g. --budget 2%"
-            )
+            raise InputError(f"budget {budget} is outside (0, 1]", hint="write it as a percentage, e.g. --budget 2%")
         if self.rank is not None and self.rank < 1:
             raise InputError(f"rank {self.rank} must be >= 1")
         if self.density is not None and not 0 < self.density <= 1:
@@ -161,7 +159,7 @@ def _options(
 ) -> Options:
     """Profile one tensor: its candidate encodings with byte costs and estimated squared errors."""
     numel = delta.numel()
-    energy = float(delta.double().pow(2).sum())
+    energy = sq_norm(delta)
     over = 2 * len(name) + 400  # header entries + manifest entry
     dense_bytes = numel * _dense_dtype(delta, itemsize).itemsize + over
     if kind == "norm" or delta.dim() < 2:
@@ -169,6 +167,13 @@ def _options(
         # they are always kept, exactly enough (their cost is charged to the budget first).
         return Options(name, ("dense",), np.zeros(1, dtype=np.int64), np.array([dense_bytes]), np.zeros(1))
     enc, lev, nb, err = ["omit", "dense"], [0, 0], [0, dense_bytes], [energy, 0.0]
+
+    def add(encoding: str, level: int, nbytes: int, error: float) -> None:
+        enc.append(encoding)
+        lev.append(level)
+        nb.append(nbytes)
+        err.append(error)
+
     if delta.dim() == 2:
         m, n = delta.shape
         k = min(cap, m, n)
@@ -177,21 +182,19 @@ def _options(
         save_file({"up": up, "down": down}, str(spill))
         cum = np.cumsum(s.double().pow(2).numpy())
         for r in range(1, k + 1):
-            enc.append("lowrank"), lev.append(r), nb.append(lowrank_bytes(m, n, r, spec.int8) + over)
-            err.append(max(0.0, energy - float(cum[r - 1])))
+            add("lowrank", r, lowrank_bytes(m, n, r, spec.int8) + over, max(0.0, energy - float(cum[r - 1])))
     if numel > 64:
         flat = delta.reshape(-1)
         if numel > SAMPLE:  # estimate the magnitude curve from a seeded sample
             g = torch.Generator().manual_seed(spec.seed)
             flat = flat[torch.randint(0, numel, (SAMPLE,), generator=g)]
-        cum = torch.cumsum(torch.sort(flat.double().pow(2), descending=True).values, 0)
-        total = float(cum[-1])
+        curve = torch.cumsum(torch.sort(flat.double().pow(2), descending=True).values, 0)
+        total = float(curve[-1])
         idx_bytes = 4 if numel < 2**31 else 8
         for d in SPARSE_GRID:
             kk = max(1, int(d * numel))
-            kept = float(cum[max(1, int(d * len(cum))) - 1]) / total if total > 0 else 1.0
-            enc.append("sparse"), lev.append(kk), nb.append(kk * (idx_bytes + 2) + over)
-            err.append(energy * max(0.0, 1.0 - kept))
+            kept = float(curve[max(1, int(d * len(curve))) - 1]) / total if total > 0 else 1.0
+            add("sparse", kk, kk * (idx_bytes + 2) + over, energy * max(0.0, 1.0 - kept))
     return Options(name, tuple(enc), np.array(lev), np.array(nb, dtype=np.int64), np.array(err))
 
 
@@ -226,6 +229,7 @@ def _fixed_choice(spec: ExtractSpec, delta: torch.Tensor, kind: str) -> tuple[st
         return ("dense-exact", 0)
     if spec.rank is not None:
         return ("lowrank", min(spec.rank, *delta.shape)) if delta.dim() == 2 else ("dense-exact", 0)
+    assert spec.density is not None
     return ("sparse", max(1, math.ceil(spec.density * delta.numel())))
 
 
@@ -269,7 +273,7 @@ def extract(spec: ExtractSpec, progress: ProgressFn = no_progress) -> ExtractRes
                 writer.abort()
                 raise
     omitted = tuple(n for n, (c, _) in plan.items() if c[0] == "omit")
-    budget_bytes = int(spec.budget * dense_bytes) if spec.budget is not None else None
+    budget_bytes = None if spec.budget is None else int(spec.budget * dense_bytes)
     with_entries = manifest.replace(tensors=writer.entries)
     return ExtractResult(with_entries, out, size, dense_bytes, budget_bytes, tuple(reports), omitted)
 
@@ -319,9 +323,7 @@ def _plan(spec, base, tuned, names, tmp: Path, progress: ProgressFn):
     return plan, dense_bytes
 
 
-def _write(
-    spec, base, tuned, plan, writer: PackWriter, model_type, progress: ProgressFn
-) -> list[TensorReport]:
+def _write(spec, base, tuned, plan, writer: PackWriter, model_type, progress: ProgressFn) -> list[TensorReport]:
     """Pass 2: encode every planned tensor, measure its error, stream it into the pack."""
     reports = []
     todo = [n for n, (c, _) in plan.items() if c[0] != "omit"]
@@ -343,7 +345,7 @@ def _write(
             fields["layout"] = lay
         entry = writer.add(name, parts, fields)
         level = fields.get("rank") or fields.get("nnz") or 0
-        energy = float(delta.double().pow(2).sum())
+        energy = sq_norm(delta)
         reports.append(TensorReport(name, kind, fields["encoding"], level, entry["bytes"], err, energy))
     progress("encode", len(todo), len(todo))
     return reports

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import re
 
-ATTN = re.compile(
-    r"(self_attn|attention|\.attn\.|q_proj|k_proj|v_proj|o_proj|qkv|c_attn|query|key|value|out_proj)"
-)
+ATTN = re.compile(r"(self_attn|attention|\.attn\.|q_proj|k_proj|v_proj|o_proj|qkv|c_attn|query|key|value|out_proj)")
 MLP = re.compile(
     r"(mlp|ffn|feed_forward|gate_proj|up_proj|down_proj|fc1|fc2|c_fc|dense_h_to_4h|dense_4h_to_h|w1|w2|w3)"
 )

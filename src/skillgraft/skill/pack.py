@@ -84,8 +84,8 @@ class Manifest:
         try:
             base = BaseIdentity(**d["base"])
             tensors = d["tensors"]
-            for name, e in tensors.items():
-                if e.get("encoding") not in ENCODINGS or not isinstance(e.get("shape"), list):
+            for name, entry in tensors.items():
+                if entry.get("encoding") not in ENCODINGS or not isinstance(entry.get("shape"), list):
                     raise FormatError(f"{where}: manifest entry for {name!r} has no valid encoding/shape")
             return cls(
                 name=d["name"],
@@ -119,18 +119,14 @@ class SkillPack:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.exists():
-            raise NotFoundError(
-                f"{self.path}: no such skill pack", hint="give a .skill file or a library name"
-            )
+            raise NotFoundError(f"{self.path}: no such skill pack", hint="give a .skill file or a library name")
         if self.path.is_dir():
             raise FormatError(f"{self.path}: is a directory, not a skill pack (.skill file)")
         self._file = MappedFile(self.path)
         text = self._file.metadata.get(MANIFEST_KEY)
         if text is None:
             self._file.close()
-            raise FormatError(
-                f"{self.path}: not a skill pack (a safetensors file without a skillgraft manifest)"
-            )
+            raise FormatError(f"{self.path}: not a skill pack (a safetensors file without a skillgraft manifest)")
         self.manifest = Manifest.from_json(text, str(self.path))
         for name, entry in self.manifest.tensors.items():
             for part in stored_parts(entry):
@@ -147,9 +143,7 @@ class SkillPack:
         entry = dict(self.manifest.tensors[name], name=name)
         out = decode(entry, lambda part: self._file.get(part_key(name, part)))
         if check_finite and not torch.isfinite(out).all():
-            raise NumericError(
-                f"{self.path}: delta of {name!r} contains NaN or Inf", hint="re-extract the skill"
-            )
+            raise NumericError(f"{self.path}: delta of {name!r} contains NaN or Inf", hint="re-extract the skill")
         return out
 
     def part(self, name: str, part: str) -> torch.Tensor:
@@ -179,9 +173,7 @@ class PackWriter:
         """Store one tensor's parts; returns its manifest entry (with ``bytes`` filled in)."""
         for p, t in parts.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
-                raise NumericError(
-                    f"delta of {name!r} contains NaN or Inf", hint="check the fine-tuned checkpoint"
-                )
+                raise NumericError(f"delta of {name!r} contains NaN or Inf", hint="check the fine-tuned checkpoint")
             self._writer.add(part_key(name, p), t)
         entry = dict(fields)
         entry["bytes"] = sum(t.numel() * t.element_size() for t in parts.values())

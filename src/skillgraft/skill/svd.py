@@ -32,8 +32,6 @@ def top_singular(
     return (q @ ub)[:, :k], s[:k], vh[:k]
 
 
-def balanced_factors(
-    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     root = s[:r].sqrt()
     return (u[:, :r] * root).contiguous(), (root[:, None] * vh[:r]).contiguous()
