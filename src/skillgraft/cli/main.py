@@ -43,7 +43,7 @@ def _global(
 
 
 def _register() -> None:
-    from skillgraft.cli import library_cmd, lora_cmd, skill_cmd  # noqa: F401  (registers commands)
+    from skillgraft.cli import library_cmd, lora_cmd, merge_cmd, skill_cmd  # noqa: F401  (registers commands)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,16 +8,28 @@ from collections.abc import Iterator
 
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from skillgraft.cli.main import State, console, err_console
 from skillgraft.progress import ProgressFn, no_progress
+
+
+class _Count(ProgressColumn):
+    """n/N for counted phases; bytes done and throughput (GB/s) for byte phases."""
+
+    def render(self, task: Task) -> Text:
+        if task.fields.get("unit"):
+            speed = task.finished_speed or task.speed or 0.0
+            return Text(f"{task.completed / 1e9:.2f}/{(task.total or 0) / 1e9:.2f} GB  {speed / 1e9:.2f} GB/s")
+        return Text(f"{int(task.completed)}/{int(task.total or 0)}")
 
 
 @contextlib.contextmanager
@@ -30,7 +42,7 @@ def progress_bar() -> Iterator[ProgressFn]:
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        _Count(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,
@@ -39,7 +51,7 @@ def progress_bar() -> Iterator[ProgressFn]:
 
         def update(phase: str, done: int, total: int) -> None:
             if phase not in bars:
-                bars[phase] = prog.add_task(phase, total=total)
+                bars[phase] = prog.add_task(phase.removesuffix(" [bytes]"), total=total, unit=phase.endswith("[bytes]"))
             prog.update(bars[phase], completed=done, total=total)
 
         yield update

@@ -68,11 +68,13 @@ class CheckpointWriter:
         overwrite: bool = False,
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         copy_from: Path | None = None,
+        config_updates: dict | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         check_output(self.out_dir, overwrite)
         self.max_shard_bytes = max_shard_bytes
         self.copy_from = copy_from
+        self.config_updates = config_updates or {}
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".partial", dir=self.out_dir.parent))
         self._shards: list[tuple[str, SafetensorsWriter]] = []
         self._weight_map: dict[str, int] = {}
@@ -107,6 +109,11 @@ class CheckpointWriter:
             for f in AUX_FILES:
                 if (self.copy_from / f).exists():
                     shutil.copy2(self.copy_from / f, self.tmp / f)
+        cfg = self.tmp / "config.json"
+        if self.config_updates and cfg.exists():
+            data = json.loads(cfg.read_text())
+            data.update(self.config_updates)
+            cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         _replace(self.tmp, self.out_dir)
 
     def __enter__(self) -> CheckpointWriter:

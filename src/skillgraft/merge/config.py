@@ -1,0 +1,230 @@
+"""Merge configs: skillgraft's own YAML schema and mergekit's, both parsed into one frozen ``MergeConfig``.
+
+Parsing checks shape and types only; :func:`skillgraft.merge.engine.plan_merge` validates everything that needs
+the files (paths, shapes, fingerprints) before any tensor is read. See docs/merging.md for the schema.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from skillgraft.errors import FormatError, InputError, NotFoundError
+
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+OUR_KEYS = {"base", "method", "parameters", "inputs", "out_dtype", "seed", "examples", "num_examples"}
+INPUT_KEYS = {"source", "weight"}
+MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
+MERGEKIT_MODEL_KEYS = {"model", "parameters"}
+MERGEKIT_PARAMS = {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "t"}
+MERGEKIT_METHODS = {
+    "linear": "linear",
+    "task_arithmetic": "task_arithmetic",
+    "ties": "ties",
+    "dare_ties": "dare_ties",
+    "dare_linear": "dare_linear",
+    "breadcrumbs": "breadcrumbs",
+    "breadcrumbs_ties": "breadcrumbs_ties",
+    "della": "della",
+    "della_linear": "della_linear",
+    "slerp": "slerp",
+}
+
+
+@dataclass(frozen=True)
+class MergeInput:
+    source: str  # a .skill path, a library reference, a PEFT adapter dir or a fine-tuned checkpoint dir
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A complete merge request (paths are as given; nothing is opened here)."""
+
+    base: str
+    method: str
+    inputs: tuple[MergeInput, ...]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    out_dtype: str | None = None  # None: each tensor keeps the base's dtype
+    seed: int = 0
+    examples: str | None = None  # JSONL of {"prompt", "target"} or {"text"} for fisher / regmean
+    num_examples: int = 256
+    dialect: str = "skillgraft"  # or "mergekit"
+    source_file: str | None = None
+
+    def resolve_paths(self, root: Path) -> MergeConfig:
+        """Relative paths in a config file are relative to that file's directory (library refs stay as is)."""
+
+        def fix(p: str) -> str:
+            q = Path(p)
+            return str(root / q) if not q.is_absolute() and (root / q).exists() else p
+
+        inputs = tuple(MergeInput(fix(i.source), i.weight) for i in self.inputs)
+        ex = fix(self.examples) if self.examples else None
+        return MergeConfig(
+            fix(self.base),
+            self.method,
+            inputs,
+            self.parameters,
+            self.out_dtype,
+            self.seed,
+            ex,
+            self.num_examples,
+            self.dialect,
+            self.source_file,
+        )
+
+
+def _dtype(value: Any, key: str) -> str | None:
+    if value is None:
+        return None
+    v = DTYPE_ALIASES.get(str(value), str(value))
+    if v not in DTYPES:
+        raise InputError(f"{key}: unknown dtype {value!r}", hint=f"use one of {', '.join(DTYPES)}")
+    return v
+
+
+def _weight(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{where}: weight must be a finite number, not {value!r}")
+    return float(value)
+
+
+def _unknown(keys: set[str], allowed: set[str], where: str, dialect: str) -> None:
+    extra = sorted(keys - allowed)
+    if extra:
+        raise InputError(
+            f"{where}: unsupported key(s) {', '.join(map(repr, extra))} in a {dialect} config",
+            hint=f"supported: {', '.join(sorted(allowed))}",
+        )
+
+
+def from_dict(d: dict, source_file: str | None = None) -> MergeConfig:
+    """Parse either dialect (mergekit when ``merge_method`` is present)."""
+    if not isinstance(d, dict):
+        raise InputError("a merge config must be a YAML mapping")
+    if "merge_method" in d:
+        return from_mergekit(d, source_file)
+    _unknown(set(d), OUR_KEYS, "config", "skillgraft")
+    for key in ("base", "method", "inputs"):
+        if key not in d:
+            raise InputError(f"config: missing required key {key!r}", hint="see docs/merging.md for the schema")
+    if not isinstance(d["inputs"], list) or not d["inputs"]:
+        raise InputError("config: 'inputs' must be a non-empty list")
+    inputs = []
+    for i, item in enumerate(d["inputs"]):
+        item = {"source": item} if isinstance(item, str) else item
+        if not isinstance(item, dict) or "source" not in item:
+            raise InputError(f"inputs[{i}]: expected a path/reference or a mapping with 'source'")
+        _unknown(set(item), INPUT_KEYS, f"inputs[{i}]", "skillgraft")
+        inputs.append(MergeInput(str(item["source"]), _weight(item.get("weight", 1.0), f"inputs[{i}]")))
+    params = d.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InputError("config: 'parameters' must be a mapping")
+    seed = d.get("seed", 0)
+    if not isinstance(seed, int):
+        raise InputError(f"config: seed must be an integer, not {seed!r}")
+    n = d.get("num_examples", 256)
+    if not isinstance(n, int) or n < 1:
+        raise InputError(f"config: num_examples must be a positive integer, not {n!r}")
+    return MergeConfig(
+        str(d["base"]),
+        str(d["method"]),
+        tuple(inputs),
+        dict(params),
+        _dtype(d.get("out_dtype"), "out_dtype"),
+        seed,
+        d.get("examples"),
+        n,
+        "skillgraft",
+        source_file,
+    )
+
+
+def _lift(per_model: list[dict], key: str) -> Any:
+    """A per-model parameter other than weight must be the same for every model; return that value."""
+    values = [p[key] for p in per_model if key in p]
+    if not values:
+        return None
+    if any(v != values[0] for v in values) or len(values) != len(per_model):
+        raise InputError(
+            f"mergekit config: per-model {key!r} differs between models",
+            hint=f"skillgraft takes one {key} per merge: move it to the top-level parameters",
+        )
+    return values[0]
+
+
+def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
+    """Translate a mergekit YAML (the subset both tools support); unsupported keys are named."""
+    _unknown(set(d), MERGEKIT_KEYS, "mergekit config", "mergekit")
+    method = MERGEKIT_METHODS.get(d["merge_method"])
+    if method is None:
+        raise InputError(
+            f"mergekit method {d['merge_method']!r} is not supported in mergekit configs",
+            hint=f"supported: {', '.join(sorted(MERGEKIT_METHODS))}",
+        )
+    models = d.get("models") or []
+    if not isinstance(models, list) or not all(isinstance(m, dict) and "model" in m for m in models):
+        raise InputError("mergekit config: 'models' must be a list of mappings with a 'model' key")
+    base = d.get("base_model")
+    entries = [m for m in models if not (base and str(m["model"]) == str(base) and method != "slerp")]
+    if base is None:  # mergekit's linear needs no base: the first model serves (Δ₁ = 0), result unchanged
+        if method != "linear" or not models:
+            raise InputError(f"mergekit config: {d['merge_method']} needs a base_model")
+        base = models[0]["model"]
+    if method == "slerp" and len(entries) == 1:
+        entries = [{"model": base}, *entries]  # mergekit's slerp goes from base_model (t=0) to the other model
+    per_model = []
+    for i, m in enumerate(entries):
+        _unknown(set(m), MERGEKIT_MODEL_KEYS, f"models[{i}]", "mergekit")
+        p = m.get("parameters") or {}
+        _unknown(set(p), MERGEKIT_PARAMS, f"models[{i}].parameters", "mergekit")
+        per_model.append(p)
+    global_params = dict(d.get("parameters") or {})
+    _unknown(set(global_params), MERGEKIT_PARAMS, "parameters", "mergekit")
+    for key in MERGEKIT_PARAMS - {"weight"}:
+        lifted = _lift(per_model, key)
+        if lifted is not None:
+            global_params[key] = lifted
+    for key, value in global_params.items():
+        if isinstance(value, (list, dict)):
+            raise InputError(
+                f"mergekit config: {key!r} given as a gradient or filter list is not supported",
+                hint="use a single number",
+            )
+    default_w = global_params.pop("weight", 1.0)
+    inputs = tuple(
+        MergeInput(str(m["model"]), _weight(p.get("weight", default_w), f"models[{i}]"))
+        for i, (m, p) in enumerate(zip(entries, per_model))
+    )
+    if method == "slerp":
+        inputs = tuple(MergeInput(i.source, 1.0) for i in inputs)
+    return MergeConfig(
+        str(base),
+        method,
+        inputs,
+        global_params,
+        _dtype(d.get("out_dtype") or d.get("dtype"), "out_dtype"),
+        0,
+        None,
+        256,
+        "mergekit",
+        source_file,
+    )
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read a YAML merge config (either dialect); relative paths resolve against the file's directory."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"{path}: no such merge config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise FormatError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    return from_dict(data, str(path)).resolve_paths(path.parent)

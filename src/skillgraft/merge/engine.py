@@ -1,0 +1,346 @@
+"""The streaming merge engine: the only code that iterates tensor names, reads inputs and writes outputs.
+
+``plan_merge`` opens every input (headers, manifests, adapter configs — no weights) and validates the whole
+request; ``run_merge`` then streams one tensor name at a time through a reader thread, the method, and a
+writer thread, so peak memory is a few tensors × the number of inputs, independent of model size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skillgraft.errors import InputError, NumericError
+from skillgraft.io.checkpoint import Checkpoint
+from skillgraft.io.writer import check_output
+from skillgraft.merge.config import MergeConfig
+from skillgraft.merge.registry import MethodInfo, TensorJob, get_method
+from skillgraft.merge.sources import DeltaSource, check_source_fits, detect, open_source
+from skillgraft.progress import ProgressFn, no_progress
+from skillgraft.skill.apply import check_fit
+from skillgraft.skill.fingerprint import fingerprint_checkpoint
+
+OUT_FORMATS = ("hf", "skill", "lora")
+LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer|block)\.(\d+)\.")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to run a merge (everything that is not the merge itself)."""
+
+    out: Path
+    out_format: str = "hf"
+    rank: int | None = None  # for out_format="lora"
+    overwrite: bool = False
+    force: bool = False  # apply skills made for another base
+    seed: int | None = None  # overrides the config's seed
+    library: Path | None = None
+    allow_pickle: bool = False
+    max_shard_bytes: int = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+    users: tuple[int, ...]  # indices of the inputs that change this tensor
+
+    @property
+    def out_bytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.out_dtype.itemsize
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: MethodInfo
+    params: Any
+    base: Checkpoint
+    sources: list[DeltaSource]
+    tensors: list[TensorPlan]
+    num_layers: int | None
+    seed: int
+    stats: list[dict[str, torch.Tensor] | None] = field(default_factory=list)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(t.out_bytes for t in self.tensors)
+
+    def describe(self) -> dict:
+        """The dry-run report: per-tensor sources, method and output size (no weights read)."""
+        rows = []
+        for t in self.tensors:
+            srcs = [f"{self.sources[i].label}:{self.sources[i].describe(t.name)}" for i in t.users]
+            rows.append(
+                {
+                    "tensor": t.name,
+                    "shape": list(t.shape),
+                    "out_dtype": str(t.out_dtype).split(".")[-1],
+                    "inputs": srcs,
+                    "action": "merge" if t.users else "copy base",
+                    "bytes": t.out_bytes,
+                }
+            )
+        return {
+            "method": self.method.name,
+            "parameters": dataclasses.asdict(self.params),
+            "inputs": [
+                {"source": s.label, "kind": s.kind, "weight": i.weight}
+                for s, i in zip(self.sources, self.config.inputs)
+            ],
+            "tensors": rows,
+            "merged_tensors": sum(1 for t in self.tensors if t.users),
+            "total_tensors": len(self.tensors),
+            "expected_output_bytes": self.out_bytes,
+        }
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+        self.base.close()
+
+
+def _params(info: MethodInfo, config: MergeConfig) -> Any:
+    values = dict(config.parameters)
+    fields = {f.name for f in dataclasses.fields(info.params)}
+    if config.dialect == "mergekit" and "mode" in fields:
+        values.setdefault("mode", "mergekit")
+    return info.make_params(values)
+
+
+def _check_counts(info: MethodInfo, config: MergeConfig) -> None:
+    n = len(config.inputs)
+    if n < info.min_inputs or (info.max_inputs is not None and n > info.max_inputs):
+        want = f"exactly {info.min_inputs}" if info.min_inputs == info.max_inputs else f"at least {info.min_inputs}"
+        raise InputError(f"merge method {info.name!r} takes {want} input(s), the config gives {n}")
+    if info.name == "linear" and getattr(_params_defaults(info, config), "normalize", False):
+        if abs(sum(i.weight for i in config.inputs)) < 1e-12:
+            raise InputError("linear merge with normalize: the weights sum to 0", hint="set normalize: false")
+
+
+def _params_defaults(info: MethodInfo, config: MergeConfig) -> Any:
+    return _params(info, config)
+
+
+def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
+    """Validate the whole merge before reading any tensor; returns the plan (inputs opened lazily)."""
+    if opts.out_format not in OUT_FORMATS:
+        raise InputError(f"unknown output format {opts.out_format!r}", hint=f"use one of {', '.join(OUT_FORMATS)}")
+    if opts.out_format == "lora" and (opts.rank is None or opts.rank < 1):
+        raise InputError("--out-format lora needs --rank R (R >= 1)")
+    info = get_method(config.method)
+    params = _params(info, config)
+    _check_counts(info, config)
+    if info.stats and not config.examples:
+        raise InputError(f"merge method {info.name!r} needs examples", hint="set 'examples: FILE.jsonl' in the config")
+    if config.examples and not Path(config.examples).exists():
+        raise InputError(f"examples file {config.examples} does not exist")
+    check_output(Path(opts.out), opts.overwrite)
+    refs = [detect(i.source, opts.library) for i in config.inputs]
+    base = Checkpoint(config.base, opts.allow_pickle)
+    sources: list[DeltaSource] = []
+    try:
+        shapes = {n: base.shape(n) for n in base.names()}
+        fp = None
+        for ref in refs:
+            src = open_source(ref, opts.library, opts.allow_pickle)
+            sources.append(src)
+            check_source_fits(src, shapes)
+            if src.kind == "skill" and not opts.force and src.pack.manifest.base.fingerprint:  # type: ignore[attr-defined]
+                fp = fp or fingerprint_checkpoint(base).content
+                check_fit(src.pack, shapes, fp, opts.force)  # type: ignore[attr-defined]
+        tensors = []
+        for name in base.names():
+            in_dtype = base.dtype(name)
+            out_dtype = TORCH_DTYPES[config.out_dtype] if config.out_dtype and in_dtype.is_floating_point else in_dtype
+            users = tuple(i for i, s in enumerate(sources) if name in s.names())
+            tensors.append(TensorPlan(name, shapes[name], in_dtype, out_dtype, users))
+    except BaseException:
+        for s in sources:
+            s.close()
+        base.close()
+        raise
+    cfg = base.config
+    num_layers = cfg.get("num_hidden_layers") or cfg.get("n_layer")
+    seed = config.seed if opts.seed is None else opts.seed
+    return MergePlan(config, info, params, base, sources, tensors, num_layers, seed)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from the run's seed and the tensor name: reproducible and order independent."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _layer(name: str) -> int | None:
+    m = LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class _Item:
+    plan: TensorPlan
+    base: torch.Tensor
+    deltas: torch.Tensor | None
+
+
+def _read(plan: MergePlan) -> Iterator[_Item]:
+    n = len(plan.sources)
+    for t in plan.tensors:
+        base = plan.base.get(t.name)
+        if not t.users:
+            yield _Item(t, base, None)
+            continue
+        deltas = torch.zeros((n, *t.shape), dtype=torch.float32)
+        for i in t.users:
+            deltas[i] = plan.sources[i].delta(t.name, base)
+        yield _Item(t, base, deltas)
+
+
+def merge_tensor(plan: MergePlan, item: _Item, thresholds: list[float] | None) -> torch.Tensor:
+    """Run the method on one tensor's inputs; returns the merged parameter in fp32."""
+    t, info = item.plan, plan.method
+    assert item.deltas is not None
+    weights = torch.tensor([i.weight for i in plan.config.inputs], dtype=torch.float32)
+    stats = None
+    if info.stats:
+        stats = tuple(s.get(t.name) if s is not None else None for s in plan.stats)
+    job = TensorJob(
+        name=t.name,
+        deltas=item.deltas,
+        weights=weights,
+        base=item.base.float() if info.needs_base else None,
+        rng=torch.Generator().manual_seed(tensor_seed(plan.seed, t.name)) if info.randomized else None,
+        thresholds=tuple(thresholds) if thresholds else None,
+        stats=stats,  # type: ignore[arg-type]
+        layer=_layer(t.name),
+        num_layers=plan.num_layers,
+    )
+    merged = info.fn(job, plan.params)
+    if tuple(merged.shape) != t.shape:
+        raise AssertionError(f"method {info.name} returned shape {tuple(merged.shape)} for {t.name} {t.shape}")
+    out = item.base.float() + merged
+    if not torch.isfinite(out).all():
+        raise NumericError(f"merge produced NaN or Inf in tensor {t.name!r}", hint="check weights and parameters")
+    return out
+
+
+def global_thresholds(plan: MergePlan, density: float, progress: ProgressFn = no_progress) -> list[float]:
+    """Per input, the magnitude t such that |Δᵢ| ≥ t keeps ``density`` of the whole model's entries.
+
+    One streaming pass builds a histogram of the top 16 bits of each |Δ| in fp32 (sign, exponent, 7 mantissa
+    bits): the threshold is exact to bf16 resolution, so slightly more than k entries may pass.
+    """
+    n = len(plan.sources)
+    hist = [torch.zeros(1 << 15, dtype=torch.int64) for _ in range(n)]
+    total = 0
+    for k, t in enumerate(plan.tensors):
+        progress("trim thresholds", k, len(plan.tensors))
+        numel = 1
+        for d in t.shape:
+            numel *= d
+        total += numel
+        if not t.users:
+            continue
+        base = plan.base.get(t.name)
+        for i in t.users:
+            bits = plan.sources[i].delta(t.name, base).abs().reshape(-1).view(torch.int32) >> 16
+            hist[i] += torch.bincount(bits, minlength=1 << 15)
+    progress("trim thresholds", len(plan.tensors), len(plan.tensors))
+    keep = max(1, int(density * total))
+    out = []
+    for h in hist:
+        from_top = torch.cumsum(h.flip(0), 0)  # entries at or above each bin, highest bin first
+        idx = int(torch.searchsorted(from_top, keep))
+        b = (1 << 15) - 1 - min(idx, (1 << 15) - 1)
+        out.append(float(torch.tensor([b << 16], dtype=torch.int32).view(torch.float32)))
+    return out
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out: Path
+    out_format: str
+    method: str
+    tensors: int
+    merged: int
+    seconds: float
+    bytes_read: int
+    details: dict
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+def run_merge(
+    plan: MergePlan, opts: MergeOptions, progress: ProgressFn = no_progress, command: str = ""
+) -> MergeResult:
+    """Stream every tensor through the method into the output; nothing is left at ``opts.out`` on error."""
+    from skillgraft.merge.outputs import make_output
+    from skillgraft.merge.pipeline import WriteBehind, prefetch
+
+    start = time.perf_counter()
+    thresholds = None
+    if plan.method.global_trim and getattr(plan.params, "trim_scope", "tensor") == "global":
+        thresholds = global_thresholds(plan, float(plan.params.density), progress)
+    if plan.method.stats:
+        from skillgraft.merge.stats import compute_stats
+
+        plan.stats = compute_stats(plan, progress)
+    out = make_output(plan, opts, command)
+    writer = WriteBehind(out.add)
+    total = sum(t.out_bytes for t in plan.tensors)
+    done_bytes, merged = 0, 0
+    try:
+        for item in prefetch(_read(plan)):
+            result = None if item.deltas is None else merge_tensor(plan, item, thresholds)
+            merged += result is not None
+            writer.put(item.plan, item.base, result)
+            done_bytes += item.plan.out_bytes
+            progress("merge [bytes]", done_bytes, total)
+        writer.close()
+        details = out.finish()
+    except BaseException:
+        try:
+            writer.close()
+        except BaseException:
+            pass
+        out.abort()
+        raise
+    read = sum(plan.base.nbytes(t.name) * (1 + len(t.users)) for t in plan.tensors)
+    return MergeResult(
+        Path(opts.out),
+        opts.out_format,
+        plan.method.name,
+        len(plan.tensors),
+        merged,
+        time.perf_counter() - start,
+        read,
+        details,
+    )
+
+
+def merge(
+    config: MergeConfig, opts: MergeOptions, progress: ProgressFn = no_progress, command: str = ""
+) -> MergeResult:
+    """Validate, then run a merge (the API behind ``skillgraft merge``)."""
+    plan = plan_merge(config, opts)
+    try:
+        return run_merge(plan, opts, progress, command)
+    finally:
+        plan.close()

@@ -1,0 +1,135 @@
+"""The merge-method registry: ``@merge_method`` turns a pure function into a registered, typed method.
+
+A method is ``fn(job: TensorJob, params: P) -> Tensor`` where ``P`` is a frozen dataclass of its parameters
+(validated in ``__post_init__``) and the returned tensor is the merged *delta* for ``job.name``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import keyword
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from skillgraft.errors import InputError
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """Everything a method may look at for one tensor name.
+
+    ``deltas`` is ``[n_inputs, *shape]`` fp32 (Δᵢ = θᵢ − θ₀); ``weights`` is ``[n_inputs]`` fp32 (the user's
+    per-input weights). ``base`` (fp32 θ₀) is given only to methods registered with ``needs_base``; ``rng``
+    only to ``randomized`` ones, seeded from the run's seed and the tensor name (order independent).
+    ``thresholds`` holds per-input magnitude thresholds for whole-model trimming when the engine computed
+    them; ``stats`` holds per-input statistics (diagonal Fisher, input Gram matrix) when the method asks.
+    ``layer`` is the transformer block index parsed from the name (None for embeddings, final norm, …).
+    """
+
+    name: str
+    deltas: torch.Tensor
+    weights: torch.Tensor
+    base: torch.Tensor | None = None
+    rng: torch.Generator | None = None
+    thresholds: tuple[float, ...] | None = None
+    stats: tuple[torch.Tensor, ...] | None = None
+    layer: int | None = None
+    num_layers: int | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.deltas.shape[0])
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """For methods without parameters."""
+
+
+MethodFn = Callable[[TensorJob, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    fn: MethodFn
+    params: type
+    needs_base: bool = False
+    randomized: bool = False
+    stats: str | None = None  # "fisher" | "gram" | None
+    global_trim: bool = False  # may use engine-computed whole-model thresholds
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def doc(self) -> str:
+        return (self.fn.__doc__ or "").strip()
+
+    def make_params(self, values: dict[str, Any]) -> Any:
+        """Build the frozen parameter object, naming unknown keys and bad values in one-line errors."""
+        values = {(k + "_" if keyword.iskeyword(k) else k): v for k, v in values.items()}
+        fields = {f.name for f in dataclasses.fields(self.params)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+            hint = f"did you mean {near[0]!r}?" if near else f"{self.name} takes: {', '.join(sorted(fields)) or 'none'}"
+            raise InputError(f"unknown parameter {unknown[0]!r} for merge method {self.name!r}", hint=hint)
+        try:
+            return self.params(**values)
+        except TypeError as e:
+            raise InputError(f"bad parameters for merge method {self.name!r}: {e}") from e
+
+
+REGISTRY: dict[str, MethodInfo] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def merge_method(
+    name: str,
+    params: type = NoParams,
+    *,
+    needs_base: bool = False,
+    randomized: bool = False,
+    stats: str | None = None,
+    global_trim: bool = False,
+    min_inputs: int = 1,
+    max_inputs: int | None = None,
+    aliases: tuple[str, ...] = (),
+) -> Callable[[MethodFn], MethodFn]:
+    """Register ``fn`` as merge method ``name``; a second registration of a name or alias is an error."""
+
+    def register(fn: MethodFn) -> MethodFn:
+        for key in (name, *aliases):
+            if key in REGISTRY or key in _ALIASES:
+                raise RuntimeError(f"merge method name {key!r} registered twice")
+        info = MethodInfo(name, fn, params, needs_base, randomized, stats, global_trim, min_inputs, max_inputs, aliases)
+        REGISTRY[name] = info
+        _ALIASES.update({a: name for a in aliases})
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MethodInfo:
+    """Look a method up by name or alias; unknown names get a "did you mean" hint."""
+    _load_methods()
+    key = _ALIASES.get(name, name)
+    if key not in REGISTRY:
+        near = difflib.get_close_matches(name, sorted([*REGISTRY, *_ALIASES]), n=1)
+        hint = f"did you mean {near[0]!r}?" if near else f"known methods: {', '.join(sorted(REGISTRY))}"
+        raise InputError(f"unknown merge method {name!r}", hint=hint)
+    return REGISTRY[key]
+
+
+def all_methods() -> list[MethodInfo]:
+    _load_methods()
+    return [REGISTRY[k] for k in sorted(REGISTRY)]
+
+
+def _load_methods() -> None:
+    import skillgraft.merge.methods  # noqa: F401  (registers every method on import)

@@ -1,0 +1,188 @@
+"""The streaming merge engine end to end on tiny real-architecture checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import build, finetune_like, gpt2_config, leftovers, llama_config, load, logits, save
+
+from skillgraft import ExtractSpec, extract
+from skillgraft.cli.main import main
+from skillgraft.io.checkpoint import Checkpoint
+from skillgraft.merge.config import from_dict
+from skillgraft.merge.engine import MergeOptions, merge
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """A tiny Llama base (tied embeddings) and two full fine-tunes of it."""
+    root = tmp_path_factory.mktemp("family")
+    m = build(llama_config())
+    base = save(m, root / "base")
+    ft = []
+    for seed in (11, 12):
+        m2 = load(base)
+        finetune_like(m2, seed=seed)
+        ft.append(save(m2, root / f"ft{seed}"))
+    return base, ft[0], ft[1]
+
+
+def _write(tmp_path: Path, cfg: dict) -> Path:
+    p = tmp_path / "merge.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    with Checkpoint(path) as c:
+        return {n: c.get(n) for n in c.names()}
+
+
+def test_task_arithmetic_mixed_inputs_matches_formula(family, tmp_path):
+    base, ft1, ft2 = family
+    skill = extract(ExtractSpec(base=base, tuned=ft2, out=tmp_path / "ft2.skill", dense=True)).path
+    cfg = from_dict(
+        {
+            "base": str(base),
+            "method": "task_arithmetic",
+            "parameters": {"lambda": 0.5},
+            "inputs": [{"source": str(ft1), "weight": 1.0}, {"source": str(skill), "weight": -0.5}],
+        }
+    )
+    res = merge(cfg, MergeOptions(out=tmp_path / "out"))
+    assert res.merged == res.tensors
+    b, t1, t2, out = _state(base), _state(ft1), _state(ft2), _state(tmp_path / "out")
+    for n in b:
+        expected = b[n] + 0.5 * ((t1[n] - b[n]) - 0.5 * (t2[n] - b[n]))
+        torch.testing.assert_close(out[n], expected, rtol=0, atol=1e-6)
+    assert load(tmp_path / "out").generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape[1] == 7
+
+
+def test_single_input_weight_one_reproduces_it(family, tmp_path):
+    base, ft1, _ = family
+    cfg = from_dict({"base": str(base), "method": "task_arithmetic", "inputs": [str(ft1)]})
+    merge(cfg, MergeOptions(out=tmp_path / "out"))
+    assert torch.equal(logits(load(tmp_path / "out")), logits(load(ft1)))
+
+
+def test_out_formats_skill_and_lora(family, tmp_path):
+    base, ft1, ft2 = family
+    cfg = from_dict({"base": str(base), "method": "linear", "inputs": [str(ft1), str(ft2)]})
+    merge(cfg, MergeOptions(out=tmp_path / "hf"))
+    merge(cfg, MergeOptions(out=tmp_path / "m.skill", out_format="skill"))
+    from skillgraft import apply_to_checkpoint
+
+    apply_to_checkpoint(base, [(tmp_path / "m.skill", 1.0)], tmp_path / "via_skill")
+    assert torch.equal(logits(load(tmp_path / "hf")), logits(load(tmp_path / "via_skill")))
+    res = merge(cfg, MergeOptions(out=tmp_path / "lora", out_format="lora", rank=8))
+    assert (tmp_path / "lora" / "adapter_config.json").exists()
+    assert 0 < res.details["max_rel_error"] < 1 and res.details["dropped"]  # norms cannot be a LoRA
+
+
+def test_dry_run_reads_no_weights(family, tmp_path, capsys, monkeypatch):
+    base, ft1, ft2 = family
+    p = _write(tmp_path, {"base": str(base), "method": "linear", "inputs": [str(ft1), str(ft2)]})
+    from skillgraft.io import safetensors_file
+
+    def boom(self, name):
+        raise AssertionError("dry run read a tensor")
+
+    monkeypatch.setattr(safetensors_file.MappedFile, "get", boom)
+    assert main(["merge", str(p), "-o", str(tmp_path / "out"), "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["merged_tensors"] == plan["total_tensors"] > 0
+    assert plan["expected_output_bytes"] == sum(r["bytes"] for r in plan["tensors"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_merge_loads_and_generates(tmp_path):
+    m = build(gpt2_config())
+    base = save(m, tmp_path / "base")
+    finetune_like(m, seed=5)
+    ft = save(m, tmp_path / "ft")
+    cfg = from_dict({"base": str(base), "method": "linear", "inputs": [str(ft), str(base)]})
+    merge(
+        cfg,
+        MergeOptions(
+            out=tmp_path / "out",
+        ),
+    )
+    out = load(tmp_path / "out").generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+
+
+def test_out_dtype_bf16(family, tmp_path):
+    base, ft1, _ = family
+    cfg = from_dict({"base": str(base), "method": "linear", "inputs": [str(ft1)], "out_dtype": "bf16"})
+    merge(cfg, MergeOptions(out=tmp_path / "out"))
+    assert all(t.dtype == torch.bfloat16 for t in _state(tmp_path / "out").values())
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "cfg_change, text",
+    [
+        ({"method": "tiess"}, "unknown merge method"),
+        ({"parameters": {"lambdaa": 1}}, "unknown parameter"),
+        ({"inputs": ["nosuch.skill"]}, "no such skill pack"),
+        ({"colour": "blue"}, "unsupported key"),
+        ({"inputs": [{"source": "x", "weight": "heavy"}]}, "weight must be a finite number"),
+    ],
+)
+def test_bad_configs_fail_before_work(family, tmp_path, capsys, cfg_change, text):
+    base, ft1, _ = family
+    cfg = {"base": str(base), "method": "task_arithmetic", "inputs": [str(ft1)], **cfg_change}
+    p = _write(tmp_path, cfg)
+    rc = main(["merge", str(p), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc != 0 and text in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_other_architecture_refused(family, tmp_path, capsys):
+    base, _, _ = family
+    other = save(build(gpt2_config()), tmp_path / "gpt2")
+    p = _write(tmp_path, {"base": str(base), "method": "linear", "inputs": [str(other)]})
+    assert main(["merge", str(p), "-o", str(tmp_path / "out")]) == 5
+    assert "base" in capsys.readouterr().err
+
+
+def test_mergekit_yaml_accepted_and_unknown_keys_named(family, tmp_path, capsys):
+    base, ft1, ft2 = family
+    mk = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "dtype": "float32",
+        "models": [
+            {"model": str(ft1), "parameters": {"weight": 0.7}},
+            {"model": str(ft2), "parameters": {"weight": 0.3}},
+        ],
+    }
+    assert main(["-q", "merge", str(_write(tmp_path, mk)), "-o", str(tmp_path / "out")]) == 0
+    b, t1, t2, out = _state(base), _state(ft1), _state(ft2), _state(tmp_path / "out")
+    n = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(out[n], b[n] + 0.7 * (t1[n] - b[n]) + 0.3 * (t2[n] - b[n]), rtol=0, atol=1e-6)
+    mk["tokenizer_source"] = "union"
+    assert main(["merge", str(_write(tmp_path, mk)), "-o", str(tmp_path / "out2")]) == 2
+    assert "tokenizer_source" in capsys.readouterr().err
+
+
+def test_nan_stops_with_tensor_name(family, tmp_path, capsys):
+    base, ft1, _ = family
+    p = _write(
+        tmp_path,
+        {
+            "base": str(base),
+            "method": "task_arithmetic",
+            "parameters": {"lambda": 1e38},
+            "inputs": [{"source": str(ft1), "weight": 1e38}],
+        },
+    )
+    rc = main(["merge", str(p), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 6 and "NaN or Inf in tensor" in err
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
