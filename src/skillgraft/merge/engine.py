@@ -74,7 +74,8 @@ class MergePlan:
     tensors: list[TensorPlan]
     num_layers: int | None
     seed: int
-    stats: list[dict[str, torch.Tensor] | None] = field(default_factory=list)
+    stats: list[Any] = field(default_factory=list)  # per input: LazyStats (get(name) -> Tensor | None)
+    stats_dir: Any = None
 
     @property
     def out_bytes(self) -> int:
@@ -111,6 +112,11 @@ class MergePlan:
     def close(self) -> None:
         for s in self.sources:
             s.close()
+        for st in self.stats:
+            if st is not None:
+                st.file.close()
+        if self.stats_dir is not None:
+            self.stats_dir.cleanup()
         self.base.close()
 
 
