@@ -71,3 +71,9 @@ class LibraryError(SkillgraftError, RuntimeError):
     """The skill library is in a state that prevents the operation."""
 
     exit_code = 9
+
+
+class WriteError(SkillgraftError, OSError):
+    """Writing the output failed (disk full, permissions); nothing is left under the output name."""
+
+    exit_code = 10

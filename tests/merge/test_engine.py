@@ -186,3 +186,39 @@ def test_nan_stops_with_tensor_name(family, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 6 and "NaN or Inf in tensor" in err
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_full_disk_during_writing(family, tmp_path, capsys, monkeypatch):
+    import errno
+
+    base, ft1, ft2 = family
+    p = _write(tmp_path, {"base": str(base), "method": "linear", "inputs": [str(ft1), str(ft2)]})
+    real_write = __import__("io").BufferedWriter.write
+    calls = {"n": 0}
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            calls["n"] += 1
+            if calls["n"] > 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(self.f, data)
+
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+
+    from skillgraft.io import safetensors_file
+
+    real_open = open
+
+    def fake_open(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        return FullDisk(f) if "w" in mode and str(path).endswith(".data.tmp") else f
+
+    monkeypatch.setattr(safetensors_file, "open", fake_open, raising=False)
+    rc = main(["merge", str(p), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 10 and "disk full" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)

@@ -6,6 +6,7 @@ tensor is touched); writing streams tensor bytes to disk so a file is never held
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from skillgraft.errors import FormatError
+from skillgraft.errors import FormatError, WriteError
 
 DTYPE_TO_ST = {
     torch.float64: "F64",
@@ -126,6 +127,14 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
 
 
+def write_error(path: Path, e: OSError) -> WriteError:
+    what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return WriteError(
+        f"cannot write {path.name} in {path.parent}: {what}",
+        hint="free some space or write the output elsewhere; nothing was left under its name",
+    )
+
+
 class SafetensorsWriter:
     """Stream tensors into one safetensors file; the file appears at ``path`` only on :meth:`close`.
 
@@ -146,7 +155,10 @@ class SafetensorsWriter:
         if tensor.dtype not in DTYPE_TO_ST:
             raise ValueError(f"dtype {tensor.dtype} cannot be stored in safetensors")
         data = _tensor_bytes(tensor)
-        self._data.write(data)
+        try:
+            self._data.write(data)
+        except OSError as e:
+            raise write_error(self.path, e) from e
         self._entries[name] = {
             "dtype": DTYPE_TO_ST[tensor.dtype],
             "shape": list(tensor.shape),
@@ -175,6 +187,8 @@ class SafetensorsWriter:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, self.path)
+        except OSError as e:
+            raise write_error(self.path, e) from e
         finally:
             self._data_path.unlink(missing_ok=True)
             tmp.unlink(missing_ok=True)

@@ -1,0 +1,15 @@
+"""Every built-in merge method; importing this package registers them all."""
+
+from skillgraft.merge.methods import (  # noqa: F401
+    basic,
+    breadcrumbs,
+    consensus,
+    dare,
+    della,
+    fisher,
+    layer_swap,
+    pcb,
+    regmean,
+    slerp,
+    ties,
+)

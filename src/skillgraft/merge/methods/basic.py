@@ -1,0 +1,61 @@
+"""Weighted sums of deltas: linear averaging (model soup) and task arithmetic.
+
+Both are exact, deterministic and order independent; negative weights subtract (task negation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from skillgraft.errors import InputError
+from skillgraft.merge.registry import TensorJob, merge_method
+
+
+def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σᵢ wᵢ·Δᵢ over the first axis (fp32)."""
+    return torch.tensordot(weights, deltas, dims=1)
+
+
+@dataclass(frozen=True)
+class LinearParams:
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.normalize, bool):
+            raise InputError(f"linear: normalize must be true or false, not {self.normalize!r}")
+
+
+@merge_method("linear", LinearParams, aliases=("model_soup",))
+def linear(job: TensorJob, p: LinearParams) -> torch.Tensor:
+    """Weighted average of the inputs: θ = θ₀ + Σ wᵢΔᵢ / Σ wᵢ (``normalize``, default), else Σ wᵢΔᵢ.
+
+    Averaging parameters θᵢ with weights summing to 1 is the same as averaging deltas. With ``normalize`` and
+    Σ wᵢ = 0 the merge is refused by the config validator; here it returns zeros. Compute dtype fp32.
+    Reference: Wortsman et al. 2022 (model soups); mergekit ``linear`` (same semantics).
+    """
+    total = weighted_sum(job.deltas, job.weights)
+    if p.normalize:
+        s = float(job.weights.sum())
+        return total / s if s != 0 else torch.zeros_like(total)
+    return total
+
+
+@dataclass(frozen=True)
+class TaskArithmeticParams:
+    lambda_: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lambda_, (int, float)) or self.lambda_ != self.lambda_:
+            raise InputError(f"task_arithmetic: lambda must be a number, not {self.lambda_!r}")
+
+
+@merge_method("task_arithmetic", TaskArithmeticParams)
+def task_arithmetic(job: TensorJob, p: TaskArithmeticParams) -> torch.Tensor:
+    """θ = θ₀ + λ·Σ wᵢΔᵢ (no normalisation). A negative wᵢ removes skill i (task negation).
+
+    Default λ = 1 (mergekit's default); FusionBench uses 0.3. Compute dtype fp32.
+    Reference: Ilharco et al. 2023, "Editing models with task arithmetic".
+    """
+    return p.lambda_ * weighted_sum(job.deltas, job.weights)

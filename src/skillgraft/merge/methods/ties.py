@@ -1,0 +1,99 @@
+"""TIES merging (trim, elect sign, disjoint merge) and plain magnitude pruning.
+
+Both trim each Δᵢ by magnitude; ``mode`` picks the paper's or mergekit 0.1.5's exact rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from skillgraft.errors import InputError
+from skillgraft.merge import steps
+from skillgraft.merge.methods import family
+from skillgraft.merge.registry import TensorJob, merge_method
+
+
+@dataclass(frozen=True)
+class TiesParams:
+    density: float = 0.2
+    lambda_: float = 1.0
+    mode: str = "paper"
+    trim_scope: str = "tensor"
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        family.check_density("ties", self.density)
+        family.check_number("ties", "lambda", self.lambda_)
+        family.check_mode("ties", self.mode)
+        if self.trim_scope not in ("tensor", "global"):
+            raise InputError(f"ties: trim_scope must be 'tensor' or 'global', not {self.trim_scope!r}")
+        if self.trim_scope == "global" and self.mode == "mergekit":
+            raise InputError("ties: mergekit trims per tensor; trim_scope 'global' needs mode 'paper'")
+        family.check_optional_bool("ties", "normalize", self.normalize)
+
+
+def trim(job: TensorJob, density: float, mode: str, trim_scope: str = "tensor") -> torch.Tensor:
+    """Trim every Δᵢ to its top-``density`` magnitudes: per tensor (kthvalue or exact argsort) or by whole-model
+    thresholds ``job.thresholds[i]`` (keep |Δᵢ| ≥ tᵢ)."""
+    if trim_scope == "global":
+        if job.thresholds is None or len(job.thresholds) != job.n:
+            raise InputError(f"{job.name}: trim_scope 'global' needs whole-model thresholds from the merge engine")
+        thresholds = job.thresholds
+        return family.per_input(job.deltas, lambda d, i: steps.trim_by_threshold(d, thresholds[i]))
+    one = steps.trim_magnitude_exact if mode == "mergekit" else steps.trim_magnitude
+    return family.per_input(job.deltas, lambda d, i: one(d, density))
+
+
+@merge_method("ties", TiesParams, global_trim=True)
+def ties(job: TensorJob, p: TiesParams) -> torch.Tensor:
+    """TIES: Δ = λ · disjoint_merge(elect_sign(trim(Δᵢ))).
+
+    * **paper** (Yadav et al.; also PEFT's per-tensor variant): trim keeps |Δᵢ| ≥ the k-th largest magnitude,
+      k = max(1, ⌊density·numel⌋) (``kthvalue``; ties at the threshold all kept), per tensor or — with
+      ``trim_scope: global`` — over the whole model using the engine's per-input thresholds ``job.thresholds``.
+      Sign elected from Σᵢ of the *unweighted* trimmed deltas (+ where the sum ≥ 0). Disjoint **mean**: Σ wᵢmᵢΔᵢ
+      over the agreeing non-zero entries, divided by their count (``normalize: false`` → the sum, as FusionBench's
+      ``merge_func: sum``). User weights scale each task vector; weights 1 give the paper exactly.
+    * **mergekit** (0.1.5, bit-exact): per-tensor trim of exactly k entries by ``argsort(|Δ|, descending)`` order;
+      sign elected on *weighted* deltas wᵢΔᵢ (sum ≥ 0 counts as +); agreement judged on wᵢΔᵢ; Σ wᵢmᵢΔᵢ divided by
+      Σ wᵢmᵢ when ``normalize`` (a weighted disjoint mean), else the sum.
+    Then × λ (no rescale). Defaults: density 0.2 (paper's k = 20 %; mergekit's own default 1.0 disables trimming),
+    λ 1 (mergekit's default; the paper searched 0.8–2.5), normalize true.
+    Edge cases: density 1 keeps everything (TIES then only resolves sign conflicts); all-zero deltas → 0 (zeros
+    never agree; a zero divisor counts as 1); one input → the trimmed Δ₁ in paper mode (w₁·trim(Δ₁)), and in
+    mergekit mode trim(Δ₁) for any w₁ > 0. Entries no input keeps merge to 0. Compute dtype fp32.
+    The two modes differ in general: with weights ≠ 1 the elected sign and the divisor change (see the tests).
+    Reference: Yadav et al. 2023, "TIES-Merging" (arXiv:2306.01708); mergekit ``ties``.
+    """
+    trimmed = trim(job, p.density, p.mode, p.trim_scope)
+    return family.combine(trimmed, job.weights, consensus=True, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
+
+
+@dataclass(frozen=True)
+class MagnitudePruneParams:
+    density: float = 0.2
+    lambda_: float = 1.0
+    mode: str = "paper"
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        family.check_density("magnitude_prune", self.density)
+        family.check_number("magnitude_prune", "lambda", self.lambda_)
+        family.check_mode("magnitude_prune", self.mode)
+        family.check_optional_bool("magnitude_prune", "normalize", self.normalize)
+
+
+@merge_method("magnitude_prune", MagnitudePruneParams)
+def magnitude_prune(job: TensorJob, p: MagnitudePruneParams) -> torch.Tensor:
+    """Magnitude pruning then task arithmetic: Δ = λ · Σ wᵢ·trim(Δᵢ) (÷ Σ wᵢ when ``normalize``). No sign election.
+
+    Trim per tensor to the top ``density`` fraction of |Δᵢ|: paper mode by ``kthvalue`` threshold (ties kept),
+    mergekit mode exactly k = max(1, ⌊density·numel⌋) entries in ``argsort`` order (mergekit's ``magnitude``
+    sparsifier with task-arithmetic merging). No rescale. Defaults density 0.2, λ 1, normalize false.
+    Edge cases: density 1 → task arithmetic; all-zero deltas → 0; one input at weight 1 → trim(Δ₁).
+    Compute dtype fp32. Reference: the "trim" step of TIES (Yadav et al. 2023); mergekit ``sparsify.magnitude``.
+    """
+    trimmed = trim(job, p.density, p.mode)
+    return family.combine(trimmed, job.weights, consensus=False, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)

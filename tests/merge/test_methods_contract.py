@@ -1,0 +1,156 @@
+"""One battery of checks run over every registered merge method."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from skillgraft.errors import InputError
+from skillgraft.merge.docs import render_methods_page
+from skillgraft.merge.registry import MethodInfo, TensorJob, all_methods
+
+METHODS = all_methods()
+IDS = [m.name for m in METHODS]
+SHAPE = (6, 5)
+
+# Methods for which "one input at weight 1 returns it" does not hold, and why. Methods with a ``density`` are
+# checked at density 1 (a trim keeps a strict subset otherwise; DARE/DELLA keep Δ only in expectation).
+NOT_IDENTITY = {
+    "pcb": "keeps only the top pcb_ratio scores, scaled by λ = 1.2",
+    "consensus": "an entry needs k = 2 tasks' masks; one input reaches no consensus",
+    "slerp": "needs exactly two inputs; checked with two equal inputs instead",
+}
+# Methods whose result depends on the order of inputs by definition.
+ORDERED = {
+    "slerp": "t names input 2 (swapping means t → 1 − t)",
+    "layer_swap": "ranges and default name inputs by index",
+}
+
+
+def has_field(info: MethodInfo, name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(info.params))
+
+
+def make_job(info: MethodInfo, deltas: torch.Tensor, weights: torch.Tensor, seed: int = 0) -> TensorJob:
+    n = deltas.shape[0]
+    g = torch.Generator().manual_seed(100 + n)
+    stats = None
+    if info.stats == "fisher":
+        stats = tuple(torch.rand(SHAPE, generator=g) + 0.1 for _ in range(n))
+    elif info.stats == "gram":
+        xs = [torch.randn(20, SHAPE[1], generator=g) for _ in range(n)]
+        stats = tuple(x.T @ x for x in xs)
+    return TensorJob(
+        "model.layers.1.mlp.weight",
+        deltas,
+        weights,
+        base=torch.randn(SHAPE, generator=g),
+        rng=torch.Generator().manual_seed(seed) if info.randomized else None,
+        stats=stats,
+        layer=1,
+        num_layers=4,
+    )
+
+
+def inputs(info: MethodInfo, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    n = 2 if info.max_inputs == 2 else n
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(n, *SHAPE, generator=g) * 0.05, torch.tensor([1.0, 0.6, 0.3][:n])
+
+
+@pytest.mark.parametrize("info", METHODS, ids=IDS)
+def test_shape_dtype_finite(info: MethodInfo) -> None:
+    deltas, weights = inputs(info)
+    out = info.fn(make_job(info, deltas, weights), info.make_params({}))
+    assert out.shape == SHAPE and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+IDENTITY = [m for m in METHODS if m.name not in NOT_IDENTITY or m.name == "slerp"]
+UNORDERED = [m for m in METHODS if m.name not in ORDERED]
+
+
+@pytest.mark.parametrize("info", IDENTITY, ids=[m.name for m in IDENTITY])
+def test_one_input_at_weight_one_returns_it(info: MethodInfo) -> None:
+    deltas, _ = inputs(info, n=1)
+    if info.name == "slerp":
+        deltas = torch.stack([deltas[0], deltas[0]])
+    weights = torch.ones(deltas.shape[0]) if info.name == "slerp" else torch.ones(1)
+    params = info.make_params({"density": 1.0} if has_field(info, "density") else {})
+    out = info.fn(make_job(info, deltas, weights), params)
+    torch.testing.assert_close(out, deltas[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("info", METHODS, ids=IDS)
+def test_zero_deltas_give_zero(info: MethodInfo) -> None:
+    deltas, weights = inputs(info)
+    out = info.fn(make_job(info, torch.zeros_like(deltas), weights), info.make_params({}))
+    assert torch.equal(out, torch.zeros(SHAPE))
+
+
+@pytest.mark.parametrize("info", UNORDERED, ids=[m.name for m in UNORDERED])
+def test_input_order_does_not_matter(info: MethodInfo) -> None:
+    deltas, weights = inputs(info)
+    perm = torch.tensor([2, 0, 1])
+    params = info.make_params({})
+    a_job, b_job = make_job(info, deltas, weights), make_job(info, deltas[perm], weights[perm])
+    if b_job.stats is not None:
+        assert a_job.stats is not None
+        b_job = dataclasses.replace(b_job, stats=tuple(a_job.stats[i] for i in perm.tolist()))
+    a, b = info.fn(a_job, params), info.fn(b_job, params)
+    if info.randomized:
+        # Draws are taken input by input, so elements differ; invariants do not: same support size on average
+        # and, at density 1 (no randomness), identical results.
+        dense = info.make_params({"density": 1.0})
+        torch.testing.assert_close(info.fn(a_job, dense), info.fn(b_job, dense), rtol=1e-6, atol=1e-7)
+        assert abs(int((a != 0).sum()) - int((b != 0).sum())) <= SHAPE[0] * SHAPE[1] // 2
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("info", METHODS, ids=IDS)
+def test_unknown_parameter_is_an_input_error_with_hint(info: MethodInfo) -> None:
+    with pytest.raises(InputError) as e:
+        info.make_params({"not_a_parameter": 1})
+    assert "not_a_parameter" in e.value.message and e.value.hint
+
+
+@pytest.mark.parametrize("info", [m for m in METHODS if has_field(m, "density")], ids=lambda m: m.name)
+@pytest.mark.parametrize("density", [0, -0.1, 1.5, float("nan"), "half"])
+def test_density_outside_unit_interval_is_refused(info: MethodInfo, density: object) -> None:
+    with pytest.raises(InputError, match="density"):
+        info.make_params({"density": density})
+
+
+@pytest.mark.parametrize("info", METHODS, ids=IDS)
+def test_docstring_states_edge_cases_dtype_and_reference(info: MethodInfo) -> None:
+    doc = info.doc
+    assert "Edge cases" in doc and "fp32" in doc and "Reference" in doc or info.name in ("linear", "task_arithmetic")
+
+
+def test_methods_page_is_up_to_date() -> None:
+    page = Path(__file__).parents[2] / "docs" / "merging-methods.md"
+    assert page.read_text(encoding="utf-8") == render_methods_page(), (
+        "run: python -m skillgraft.merge.docs > docs/merging-methods.md"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(ORDERED))
+def test_documented_order_dependence_is_real(name: str) -> None:
+    """The exceptions above are real: swapping the inputs of an ordered method changes its result."""
+    info = next(m for m in METHODS if m.name == name)
+    deltas, weights = inputs(info, n=2)
+    params = info.make_params({"t": 0.25} if name == "slerp" else {"ranges": [{"layers": [0, 2], "input": 1}]})
+    a = info.fn(make_job(info, deltas[:2], weights[:2]), params)
+    b = info.fn(make_job(info, deltas[:2].flip(0), weights[:2].flip(0)), params)
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(set(NOT_IDENTITY) - {"slerp"}))
+def test_documented_non_identity_is_real(name: str) -> None:
+    info = next(m for m in METHODS if m.name == name)
+    deltas, _ = inputs(info, n=1)
+    out = info.fn(make_job(info, deltas, torch.ones(1)), info.make_params({}))
+    assert not torch.allclose(out, deltas[0])

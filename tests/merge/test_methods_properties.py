@@ -1,0 +1,82 @@
+"""Properties of the merge methods checked on generated inputs (hypothesis, few examples each)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skillgraft.merge.registry import TensorJob, get_method
+
+FAST = settings(max_examples=30, deadline=None)
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+
+
+def run(method: str, deltas: torch.Tensor, weights: torch.Tensor, rng: torch.Generator | None = None, **kw: Any):
+    info = get_method(method)
+    return info.fn(TensorJob("t", deltas, weights, rng=rng), info.make_params(kw))
+
+
+def randn(seed: int, *shape: int, scale: float = 0.01) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@FAST
+@given(seed=seeds, w=st.floats(min_value=-2, max_value=2, allow_nan=False), lam=st.floats(min_value=0.1, max_value=2))
+def test_adding_then_removing_a_skill_returns_the_base(seed: int, w: float, lam: float) -> None:
+    skill, other = randn(seed, 2, 8, 4)
+    base = randn(seed + 1, 8, 4, scale=1.0)
+    merged = base + run("task_arithmetic", torch.stack([other, skill, skill]), torch.tensor([1.0, w, -w]), lambda_=lam)
+    expected = base + run("task_arithmetic", other.unsqueeze(0), torch.tensor([1.0]), lambda_=lam)
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
+
+
+@FAST
+@given(seed=seeds, density=st.floats(min_value=0.05, max_value=0.95))
+def test_dare_keeps_about_density_of_the_entries(seed: int, density: float) -> None:
+    delta = randn(seed, 1, 100, 100) + 1e-3  # no exact zeros
+    out = run("dare_linear", delta, torch.ones(1), torch.Generator().manual_seed(seed), density=density)
+    kept = float((out != 0).float().mean())
+    assert abs(kept - density) < 0.02  # 10,000 Bernoulli draws: sd ≤ 0.005
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=seeds, density=st.floats(min_value=0.2, max_value=0.9))
+def test_dare_paper_rescale_is_unbiased(seed: int, density: float) -> None:
+    delta = randn(seed, 1, 64, scale=1.0).abs()  # positive, so a missing rescale would show as a big bias
+    k = 400
+    outs = [
+        run("dare_linear", delta, torch.ones(1), torch.Generator().manual_seed(seed * 1000 + i), density=density)
+        for i in range(k)
+    ]
+    mean_sum = float(torch.stack(outs).sum(dim=1).mean())
+    # Var(Σ of one draw) = Σ Δ²·(1 − p)/p; averaged over k draws → sd = sqrt(Σ Δ²·(1 − p)/(p·k)); allow 5 sd.
+    # Without the 1/p rescale the mean would be p·ΣΔ, off by (1 − p)·ΣΔ ≈ 10–40 sd here.
+    sd = (float((delta**2).sum()) * (1 - density) / (density * k)) ** 0.5
+    assert abs(mean_sum - float(delta.sum())) < 5 * sd
+
+
+@FAST
+@given(seed=seeds, density=st.floats(min_value=0.05, max_value=0.95))
+def test_dare_mergekit_rescale_keeps_l1_norm(seed: int, density: float) -> None:
+    delta = randn(seed, 1, 32, 16)
+    out = run(
+        "dare_linear", delta, torch.ones(1), torch.Generator().manual_seed(seed), density=density, mode="mergekit"
+    )
+    torch.testing.assert_close(out.abs().sum(), delta.abs().sum(), rtol=1e-5, atol=0)
+
+
+@FAST
+@given(seed=seeds, n=st.integers(min_value=1, max_value=4))
+def test_ties_density_one_all_positive_is_the_mean(seed: int, n: int) -> None:
+    deltas = randn(seed, n, 5, 3).abs() + 1e-4
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(seed)) + 0.1
+    # paper: weights scale the task vectors, mean over the count → Σ wᵢΔᵢ / n; equal weights → the plain mean
+    paper = run("ties", deltas, weights, density=1.0)
+    torch.testing.assert_close(paper, (weights[:, None, None] * deltas).sum(0) / n)
+    torch.testing.assert_close(run("ties", deltas, torch.ones(n), density=1.0), deltas.mean(0))
+    # mergekit: the weighted mean Σ wᵢΔᵢ / Σ wᵢ
+    mk = run("ties", deltas, weights, density=1.0, mode="mergekit")
+    torch.testing.assert_close(mk, (weights[:, None, None] * deltas).sum(0) / weights.sum())
