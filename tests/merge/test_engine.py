@@ -222,3 +222,58 @@ def test_full_disk_during_writing(family, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert rc == 10 and "disk full" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_ties_whole_model_trim_keeps_density(family, tmp_path):
+    base, ft1, _ = family
+    cfg = from_dict(
+        {
+            "base": str(base),
+            "method": "ties",
+            "inputs": [str(ft1)],
+            "parameters": {"density": 0.3, "trim_scope": "global"},
+        }
+    )
+    merge(cfg, MergeOptions(out=tmp_path / "out"))
+    b, out = _state(base), _state(tmp_path / "out")
+    kept = sum(int((out[n] != b[n]).sum()) for n in b)
+    total = sum(t.numel() for t in b.values())
+    assert 0.3 <= kept / total < 0.31  # threshold exact to bf16 resolution: at most slightly more than k
+    per_tensor = [float((out[n] != b[n]).float().mean()) for n in b if b[n].numel() > 1000]
+    assert max(abs(f - 0.3) for f in per_tensor) > 0.01  # a per-tensor trim would keep 30% of every tensor
+
+
+def test_layer_swap_takes_layers_from_the_named_input(family, tmp_path):
+    base, ft1, ft2 = family
+    cfg = from_dict(
+        {
+            "base": str(base),
+            "method": "layer_swap",
+            "inputs": [str(ft1), str(ft2)],
+            "parameters": {"default": 0, "ranges": [{"layers": [1, 2], "input": 1}]},
+        }
+    )
+    merge(cfg, MergeOptions(out=tmp_path / "out"))
+    t1, t2, out = _state(ft1), _state(ft2), _state(tmp_path / "out")
+    for n in out:
+        src = t2 if ".layers.1." in n else t1
+        torch.testing.assert_close(out[n], src[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_dare_is_reproducible_with_seed(family, tmp_path):
+    base, ft1, ft2 = family
+    outs = []
+    for i, seed in enumerate((3, 3, 4)):
+        cfg = from_dict(
+            {
+                "base": str(base),
+                "method": "dare_ties",
+                "seed": seed,
+                "inputs": [str(ft1), str(ft2)],
+                "parameters": {"density": 0.5},
+            }
+        )
+        merge(cfg, MergeOptions(out=tmp_path / f"o{i}"))
+        outs.append(_state(tmp_path / f"o{i}"))
+    n = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(outs[0][n], outs[1][n]) and not torch.equal(outs[0][n], outs[2][n])
