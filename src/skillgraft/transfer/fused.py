@@ -1,0 +1,199 @@
+"""``FusedModel``: a large base plus (expert, expert-base) pairs decoded together, one batch at a time.
+
+Each model keeps its own KV cache and its own left-padded prompt encoding; per step the large model and every
+distinct small model run one forward, their last-token logits are combined (``combine``), and one token is
+chosen for all. ``loglik`` scores targets under the fused distribution with teacher forcing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from skillgraft.errors import InputError
+from skillgraft.transfer.combine import METHODS, combine
+from skillgraft.transfer.vocab import check_shared_vocab
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Decoding settings. ``temperature == 0`` is greedy."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError("max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise InputError("need temperature >= 0, top_p in (0, 1], top_k >= 0")
+
+
+@dataclass
+class ExpertPair:
+    """A small fine-tuned model, the small base it was tuned from, and α (a number or a per-step schedule)."""
+
+    expert: Any
+    base: Any
+    alpha: float | tuple[float, ...] = 1.0
+    label: str = "expert"
+
+    def alpha_at(self, step: int) -> float:
+        if isinstance(self.alpha, (int, float)):
+            return float(self.alpha)
+        return float(self.alpha[min(step, len(self.alpha) - 1)])
+
+
+@dataclass
+class _Stream:
+    """One model's decoding state over a batch."""
+
+    model: Any
+    mask: torch.Tensor
+    pos: torch.Tensor
+    past: Any = None
+
+
+def _forward(s: _Stream, ids: torch.Tensor) -> torch.Tensor:
+    out = s.model(
+        input_ids=ids,
+        attention_mask=s.mask,
+        position_ids=s.pos,
+        past_key_values=s.past,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    s.past = out.past_key_values
+    return out.logits[:, -1].float()
+
+
+def _encode(tok: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    return enc.input_ids, enc.attention_mask
+
+
+class FusedModel:
+    """Decode with ``method`` in {proxy, eft, dlf} from a large base steered by expert pairs."""
+
+    def __init__(
+        self,
+        large: Any,
+        tokenizer: Any,
+        experts: list[ExpertPair],
+        method: str = "proxy",
+        dlf_grid: int = 11,
+        tokenizers: dict[str, Any] | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise InputError(f"unknown transfer method {method!r}", hint=f"use one of {', '.join(METHODS)}")
+        if not 2 <= dlf_grid <= 201:
+            raise InputError("dlf grid size must be in [2, 201]")
+        self.large, self.tok, self.experts, self.method = large, tokenizer, experts, method
+        named = [("large", tokenizer), *((k, v) for k, v in (tokenizers or {}).items())]
+        self.vocab = check_shared_vocab(named)
+        for m in [large, *(p.expert for p in experts), *(p.base for p in experts)]:
+            if m.config.vocab_size < self.vocab:
+                raise InputError(f"a model's output layer ({m.config.vocab_size}) is smaller than the vocabulary")
+        self.grid = torch.linspace(0.0, 2.0, dlf_grid)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.last_alphas: list[torch.Tensor] = []
+
+    def _small_models(self) -> list[Any]:
+        """Distinct small models (an expert base shared by several experts runs once per step)."""
+        seen: dict[int, Any] = {}
+        for p in self.experts:
+            for m in (p.expert, p.base):
+                seen.setdefault(id(m), m)
+        return list(seen.values())
+
+    def _scores(self, logits: dict[int, torch.Tensor], step: int) -> torch.Tensor:
+        v = self.vocab
+        zl = logits[id(self.large)][:, :v]
+        ze = [logits[id(p.expert)][:, :v] for p in self.experts]
+        zb = [logits[id(p.base)][:, :v] for p in self.experts]
+        alphas = torch.tensor([[p.alpha_at(step) for p in self.experts]]).expand(zl.shape[0], -1)
+        scores, used = combine(self.method, zl, ze, zb, alphas, self.grid)
+        self.last_alphas.append(used)
+        return scores
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], spec: GenerationSpec = GenerationSpec()) -> list[str]:
+        """Decode a batch; returns the continuation text of each prompt (cut at a stop string or EOS)."""
+        ids, mask = _encode(self.tok, prompts)
+        models = [self.large, *self._small_models()]
+        streams = {id(m): _Stream(m, mask.clone(), (mask.cumsum(-1) - 1).clamp_min(0)) for m in models}
+        logits = {k: _forward(s, ids) for k, s in streams.items()}
+        gen = torch.Generator().manual_seed(spec.seed)
+        eos = self.tok.eos_token_id
+        out = torch.empty(len(prompts), 0, dtype=torch.long)
+        done = torch.zeros(len(prompts), dtype=torch.bool)
+        self.last_alphas = []
+        for step in range(spec.max_new_tokens):
+            nxt = _sample(self._scores(logits, step), spec, gen)
+            nxt = torch.where(done, torch.full_like(nxt, eos if eos is not None else 0), nxt)
+            out = torch.cat([out, nxt[:, None]], 1)
+            done |= nxt == eos if eos is not None else torch.zeros_like(done)
+            done |= self._stopped(out, spec.stop)
+            if bool(done.all()):
+                break
+            for k, s in streams.items():
+                s.mask = torch.cat([s.mask, torch.ones(len(prompts), 1, dtype=s.mask.dtype)], 1)
+                s.pos = s.pos[:, -1:] + 1
+                logits[k] = _forward(s, nxt[:, None])
+        return [self._finish(row, spec.stop) for row in out]
+
+    def _stopped(self, out: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
+        if not stop:
+            return torch.zeros(out.shape[0], dtype=torch.bool)
+        texts = self.tok.batch_decode(out, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in stop) for t in texts])
+
+    def _finish(self, row: torch.Tensor, stop: tuple[str, ...]) -> str:
+        eos = self.tok.eos_token_id
+        ids = row.tolist()
+        if eos is not None and eos in ids:
+            ids = ids[: ids.index(eos)]
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        cuts = [text.index(s) for s in stop if s in text]
+        return text[: min(cuts)] if cuts else text
+
+    @torch.no_grad()
+    def loglik(self, pairs: list[tuple[str, str]]) -> list[tuple[float, int]]:
+        """Sum of log p(target | prompt) under the fused (renormalised) distribution, and the token count."""
+        results = []
+        for prompt, target in pairs:
+            p_ids = self.tok(prompt, add_special_tokens=False).input_ids
+            t_ids = self.tok(target, add_special_tokens=False).input_ids
+            ids = torch.tensor([p_ids + t_ids])
+            per_model = {}
+            for m in [self.large, *self._small_models()]:
+                per_model[id(m)] = m(input_ids=ids).logits[0, len(p_ids) - 1 : -1].float()
+            scores = self._scores(per_model, 0)
+            lp = torch.log_softmax(scores, -1)
+            total = float(lp[torch.arange(len(t_ids)), torch.tensor(t_ids)].sum())
+            results.append((total, len(t_ids)))
+        return results
+
+
+def _sample(scores: torch.Tensor, spec: GenerationSpec, gen: torch.Generator) -> torch.Tensor:
+    if spec.temperature == 0:
+        return scores.argmax(-1)
+    z = scores / spec.temperature
+    if spec.top_k:
+        kth = torch.topk(z, min(spec.top_k, z.shape[-1]), -1).values[:, -1:]
+        z = z.masked_fill(z < kth, -math.inf)
+    if spec.top_p < 1:
+        sorted_z, order = torch.sort(z, descending=True)
+        cum = torch.softmax(sorted_z, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_z, -1) > spec.top_p
+        z = z.masked_fill(drop.scatter(1, order, drop), -math.inf)
+    return torch.multinomial(torch.softmax(z, -1), 1, generator=gen)[:, 0]

@@ -1,0 +1,100 @@
+"""Logit-arithmetic transfer: identities that pin the semantics, batching, and the shared-vocabulary check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build, finetune_like, llama_config
+
+from skillgraft.errors import MismatchError
+from skillgraft.transfer import ExpertPair, FusedModel, GenerationSpec
+
+PROMPTS = ["R abc>", "C hello>", "R ponmlk>", "S a>"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from skillgraft.demo import _tokenizer
+
+    tok = _tokenizer(tmp_path_factory.mktemp("tok"))
+    v = len(tok)
+    large = build(llama_config(vocab_size=v + 3, hidden_size=96), seed=1)  # padded output layer
+    small = build(llama_config(vocab_size=v), seed=2)
+    expert = build(llama_config(vocab_size=v), seed=2)
+    finetune_like(expert, seed=9, scale=0.5)
+    return tok, large, small, expert
+
+
+def _hf_greedy(model, tok, prompts, n):
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    out = model.generate(
+        **enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )
+    return [tok.decode(_cut(row.tolist(), tok), skip_special_tokens=True) for row in out[:, enc.input_ids.shape[1] :]]
+
+
+def _cut(ids, tok):
+    return ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+
+
+@pytest.mark.parametrize("method", ["proxy", "eft", "dlf"])
+def test_alpha_zero_is_the_large_base(models, method):
+    tok, large, small, expert = models
+    fused = FusedModel(
+        large, tok, [ExpertPair(expert, small, alpha=0.0)], method=method, dlf_grid=2 if method != "dlf" else 11
+    )
+    got = fused.generate(PROMPTS, GenerationSpec(max_new_tokens=6))
+    if method == "dlf":  # DLF picks α itself; it must stay in [0, 2]
+        assert all(((a >= 0) & (a <= 2)).all() for a in fused.last_alphas)
+        return
+    assert got == _hf_greedy(large, tok, PROMPTS, 6)
+
+
+@pytest.mark.parametrize("method", ["proxy", "eft"])
+def test_small_base_as_large_with_alpha_one_is_the_expert(models, method):
+    tok, _, small, expert = models
+    fused = FusedModel(small, tok, [ExpertPair(expert, small, alpha=1.0)], method=method)
+    assert fused.generate(PROMPTS, GenerationSpec(max_new_tokens=6)) == _hf_greedy(expert, tok, PROMPTS, 6)
+
+
+def test_batched_equals_one_by_one(models):
+    tok, large, small, expert = models
+    fused = FusedModel(large, tok, [ExpertPair(expert, small, alpha=0.8)], method="dlf")
+    batched = fused.generate(PROMPTS, GenerationSpec(max_new_tokens=6))
+    single = [fused.generate([p], GenerationSpec(max_new_tokens=6))[0] for p in PROMPTS]
+    assert batched == single
+
+
+def test_sampling_is_seeded(models):
+    tok, large, small, expert = models
+    fused = FusedModel(large, tok, [ExpertPair(expert, small)], method="proxy")
+    spec = GenerationSpec(max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=10, seed=3)
+    assert fused.generate(PROMPTS, spec) == fused.generate(PROMPTS, spec)
+
+
+def test_loglik_alpha_zero_matches_large_model(models):
+    tok, large, small, expert = models
+    fused = FusedModel(large, tok, [ExpertPair(expert, small, alpha=0.0)], method="eft")
+    ((total, n),) = fused.loglik([("R abc>", "cba")])
+    ids = tok("R abc>cba", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        lp = torch.log_softmax(large(input_ids=torch.tensor([ids])).logits[0, :, : len(tok)], -1)
+    expected = sum(float(lp[i - 1, ids[i]]) for i in range(len(ids) - 3, len(ids)))
+    assert n == 3 and total == pytest.approx(expected, abs=1e-4)
+
+
+def test_mismatched_tokenizers_refused(models, tmp_path):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tm
+    from transformers import PreTrainedTokenizerFast
+
+    tok, large, small, expert = models
+    vocab = dict(tok.get_vocab())
+    a, b = sorted(vocab, key=vocab.get)[5:7]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    t = Tokenizer(tm.WordLevel(vocab, unk_token="<pad>"))
+    t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    other = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>")
+    with pytest.raises(MismatchError, match="tokenizers differ at id"):
+        FusedModel(large, tok, [ExpertPair(expert, small)], tokenizers={"expert": other})
