@@ -98,3 +98,40 @@ def test_mismatched_tokenizers_refused(models, tmp_path):
     other = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>")
     with pytest.raises(MismatchError, match="tokenizers differ at id"):
         FusedModel(large, tok, [ExpertPair(expert, small)], tokenizers={"expert": other})
+
+
+def test_cli_generate_with_skill_expert(models, tmp_path, capsys):
+    import json
+
+    from skillgraft import ExtractSpec, extract
+    from skillgraft.cli.main import main
+
+    tok, large, small, expert = models
+    for name, m in (("large", large), ("small", small), ("expert", expert)):
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    extract(ExtractSpec(base=tmp_path / "small", tuned=tmp_path / "expert", out=tmp_path / "e.skill", dense=True))
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS))
+    outs = []
+    for e in ("expert", "e.skill"):  # a model directory, or a skill pack applied to the small base in memory
+        argv = [
+            "-q",
+            "generate",
+            "--base",
+            str(tmp_path / "small"),
+            "--expert",
+            f"{tmp_path / e}:{tmp_path / 'small'}:1",
+            "--prompts",
+            str(tmp_path / "p.jsonl"),
+            "--max-new-tokens",
+            "6",
+            "--json",
+        ]
+        assert main(argv) == 0
+        outs.append([r["output"] for r in json.loads(capsys.readouterr().out)["results"]])
+    assert outs[0] == outs[1] == _hf_greedy(expert, tok, PROMPTS, 6)
+    small = str(tmp_path / "small")
+    for bad, text in ((f"nope.skill:{small}", "nope.skill"), (f"{small}:missing-dir", "missing-dir")):
+        argv = ["generate", "--base", str(tmp_path / "large"), "--expert", bad, "--prompts", str(tmp_path / "p.jsonl")]
+        assert main(argv) == 3
+        assert text in capsys.readouterr().err

@@ -1,0 +1,109 @@
+"""Build a ``FusedModel`` from paths: ``--base LARGE --expert SMALL_TUNED:SMALL_BASE[:ALPHA]``.
+
+SMALL_TUNED may also be a skill pack (path or library reference) applied in memory to SMALL_BASE. Models and
+tokenizers load once each, even when several experts share a small base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from skillgraft.errors import InputError, NotFoundError
+from skillgraft.transfer.fused import ExpertPair, FusedModel
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    expert: str  # a model directory, or a skill pack / library reference applied to ``base``
+    base: str
+    alpha: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> ExpertSpec:
+        """``TUNED:BASE`` or ``TUNED:BASE:ALPHA``."""
+        parts = text.split(":")
+        alpha = 1.0
+        if len(parts) == 3:
+            try:
+                alpha = float(parts[2])
+            except ValueError:
+                raise InputError(f"--expert {text!r}: alpha {parts[2]!r} is not a number") from None
+            parts = parts[:2]
+        if len(parts) != 2 or not all(parts):
+            raise InputError(f"--expert {text!r}: expected SMALL_TUNED:SMALL_BASE[:ALPHA]")
+        return cls(parts[0], parts[1], alpha)
+
+
+@dataclass(frozen=True)
+class TransferSpec:
+    large: str
+    experts: tuple[ExpertSpec, ...]
+    method: str = "proxy"
+    dlf_grid: int = 11
+    library: Path | None = None
+
+
+class _Loader:
+    def __init__(self, library: Path | None) -> None:
+        self.models: dict[str, Any] = {}
+        self.tokenizers: dict[str, Any] = {}
+        self.library = library
+
+    def model(self, path: str) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        if path not in self.models:
+            if not Path(path).is_dir():
+                raise NotFoundError(f"{path}: no such model directory")
+            self.models[path] = AutoModelForCausalLM.from_pretrained(path).eval()
+        return self.models[path]
+
+    def tokenizer(self, path: str) -> Any:
+        from transformers import AutoTokenizer
+
+        if path not in self.tokenizers:
+            self.tokenizers[path] = AutoTokenizer.from_pretrained(path)
+        return self.tokenizers[path]
+
+    def expert(self, spec: ExpertSpec) -> tuple[Any, str]:
+        """A fine-tuned small model: a directory, or base + skill pack (a fresh copy of the base, patched)."""
+        if Path(spec.expert).is_dir():
+            return self.model(spec.expert), spec.expert
+        from transformers import AutoModelForCausalLM
+
+        from skillgraft.skill.apply import apply
+
+        model = AutoModelForCausalLM.from_pretrained(spec.base).eval()
+        apply(model, [spec.expert], library=self.library)
+        return model, spec.base
+
+
+def _validate(spec: TransferSpec) -> None:
+    """Every model directory exists and every skill expert resolves, before any model is loaded."""
+    from skillgraft.skill.apply import open_skill
+
+    for path in [spec.large, *(e.base for e in spec.experts)]:
+        if not Path(path).is_dir():
+            raise NotFoundError(f"{path}: no such model directory")
+    for e in spec.experts:
+        if not Path(e.expert).is_dir():
+            open_skill(e.expert, spec.library).close()  # raises NotFoundError / FormatError
+
+
+def load_fused(spec: TransferSpec) -> FusedModel:
+    """Load every model once and check they share one vocabulary (before any decoding)."""
+    if not spec.experts:
+        raise InputError("no experts given", hint="pass --expert SMALL_TUNED:SMALL_BASE[:ALPHA]")
+    _validate(spec)
+    ld = _Loader(spec.library)
+    large = ld.model(spec.large)
+    pairs, toks = [], {}
+    for i, e in enumerate(spec.experts):
+        expert, tok_dir = ld.expert(e)
+        base = ld.model(e.base)
+        pairs.append(ExpertPair(expert, base, e.alpha, label=e.expert))
+        toks[f"expert {i + 1} ({e.expert})"] = ld.tokenizer(tok_dir)
+        toks[f"expert base {i + 1} ({e.base})"] = ld.tokenizer(e.base)
+    return FusedModel(large, ld.tokenizer(spec.large), pairs, spec.method, spec.dlf_grid, toks)
