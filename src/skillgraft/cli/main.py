@@ -43,7 +43,14 @@ def _global(
 
 
 def _register() -> None:
-    from skillgraft.cli import library_cmd, lora_cmd, merge_cmd, skill_cmd  # noqa: F401  (registers commands)
+    from skillgraft.cli import (  # noqa: F401  (registers commands)
+        eval_cmd,
+        library_cmd,
+        lora_cmd,
+        merge_cmd,
+        skill_cmd,
+        transfer_cmd,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,77 @@
+"""CLI command ``eval``: score a base, optionally with skills applied in memory, on tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from skillgraft.cli.main import app, console
+from skillgraft.cli.render import print_json, progress_bar
+
+LIBRARY_OPT = typer.Option(None, "--library", envvar="SKILLGRAFT_LIBRARY", help="Skill library directory.")
+
+
+def _fmt(value: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="Model directory (config.json, weights, tokenizer)."),
+    tasks: list[str] = typer.Option(
+        ..., "--tasks", "-t", help="FILE.jsonl, jsonl:PATH, gsm8k[:N] or skillbench[:a,b] (repeatable)."
+    ),
+    skill: list[str] = typer.Option([], "--skill", "-s", help="SKILL[:WEIGHT] applied in memory (repeatable)."),
+    limit: int = typer.Option(None, "--limit", help="Score only the first N examples of each task."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Prompts per forward pass."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Override every task's generation limit."),
+    force: bool = typer.Option(False, "--force", help="Apply a skill even if it was made for another base."),
+    library: Path = LIBRARY_OPT,
+    samples: bool = typer.Option(False, "--samples", help="With --json: include every example's prediction."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Score MODEL (+ skills, applied in memory) by exact match, multiple-choice accuracy and log-likelihood.
+
+    A JSONL task has one {"prompt", "target", "choices"?} object a line.
+
+    Example: skillgraft eval ./llama-base --skill math.skill --tasks gsm8k:100 --tasks my_task.jsonl --json
+    """
+    from skillgraft.eval.harness import EvalSpec, evaluate
+    from skillgraft.skill.apply import WeightedSkill
+
+    parsed = [WeightedSkill.parse(s) for s in skill]
+    spec = EvalSpec(
+        model=model,
+        tasks=tuple(tasks),
+        skills=tuple((s.ref, s.weight) for s in parsed),
+        batch_size=batch_size,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        library=library,
+        force=force,
+    )
+    with progress_bar() as progress:
+        res = evaluate(spec, progress)
+    if as_json:
+        print_json(res.to_dict(samples=samples))
+        return
+    skills = " + ".join(f"{r}×{w:g}" for r, w in res.skills)
+    table = Table(title=f"{res.model}{' + ' + skills if skills else ''}")
+    for col in ("task", "n", "exact match", "MC acc", "MC acc (norm)", "mean loglik", "loglik/token", "seconds"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for t in res.tasks:
+        table.add_row(
+            t.name,
+            str(t.n),
+            _fmt(t.exact_match, True),
+            _fmt(t.mc_accuracy, True),
+            _fmt(t.mc_accuracy_norm, True),
+            _fmt(t.mean_loglik),
+            _fmt(t.mean_token_loglik),
+            f"{t.seconds:.1f}",
+        )
+    console.print(table)
