@@ -106,6 +106,7 @@ class FusedModel:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.last_alphas: list[torch.Tensor] = []
+        self.tokens_generated = 0  # batch rows × decoding steps of the last generate() call
 
     def _small_models(self) -> list[Any]:
         """Distinct small models (an expert base shared by several experts runs once per step)."""
@@ -120,7 +121,8 @@ class FusedModel:
         zl = logits[id(self.large)][:, :v]
         ze = [logits[id(p.expert)][:, :v] for p in self.experts]
         zb = [logits[id(p.base)][:, :v] for p in self.experts]
-        alphas = torch.tensor([[p.alpha_at(step) for p in self.experts]]).expand(zl.shape[0], -1)
+        alphas = torch.tensor([[p.alpha_at(step) for p in self.experts]], dtype=torch.float32).reshape(1, -1)
+        alphas = alphas.expand(zl.shape[0], -1)
         scores, used = combine(self.method, zl, ze, zb, alphas, self.grid)
         self.last_alphas.append(used)
         return scores
@@ -149,6 +151,7 @@ class FusedModel:
                 s.mask = torch.cat([s.mask, torch.ones(len(prompts), 1, dtype=s.mask.dtype)], 1)
                 s.pos = s.pos[:, -1:] + 1
                 logits[k] = _forward(s, nxt[:, None])
+        self.tokens_generated = out.numel()
         return [self._finish(row, spec.stop) for row in out]
 
     def _stopped(self, out: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
