@@ -429,6 +429,7 @@ def render(data: dict) -> str:
         row("fingerprint peak RSS / anon (GiB)", lambda s: f"{_gib(s['fingerprint_warm'][-1]['peak_rss'])} / "
             f"{_gib(s['fingerprint_warm'][-1]['peak_anon'])}")
         row("**extract 2%**: wall (s)", lambda s: f"{s['extract']['wall']:.1f}")
+        row("extract CPU (s)", lambda s: f"{s['extract']['cpu']:.1f}")
         for ph in sizes[0]["extract"]["phases"]:
             row(f"— {ph} (s)", lambda s, ph=ph: f"{s['extract']['phases'][ph]:.1f}")
         row("extract peak RSS / anon (GiB)", lambda s: f"{_gib(s['extract']['peak_rss'])} / "
@@ -443,6 +444,7 @@ def render(data: dict) -> str:
             ", ".join(f"{n} {e}" for e, n in sorted(s["extract"]["encodings"].get(k, {}).items()))
             for k in ("attention", "mlp", "embedding")))
         row("**apply**: wall (s)", lambda s: f"{s['apply']['wall']:.1f}")
+        row("apply CPU (s)", lambda s: f"{s['apply']['cpu']:.1f}")
         for ph in sizes[0]["apply"]["phases"]:
             row(f"— {ph} (s)", lambda s, ph=ph: f"{s['apply']['phases'][ph]:.1f}")
         row("apply peak RSS / anon (GiB)", lambda s: f"{_gib(s['apply']['peak_rss'])} / "

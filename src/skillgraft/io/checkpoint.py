@@ -167,13 +167,14 @@ class Checkpoint:
         self._info(name)
         return self._files[self._where[name]].get(name)
 
-    def raw(self, name: str) -> memoryview | bytes:
-        """The stored bytes of one tensor, without a copy where possible (for hashing)."""
+    def chunks(self, name: str) -> Iterator[memoryview | bytes]:
+        """The stored bytes of one tensor, in chunks (for hashing without holding the tensor)."""
         if self._pickled is not None:
             t = self._pickled[name].contiguous()
-            return t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b""
+            yield t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b""
+            return
         self._info(name)
-        return self._files[self._where[name]].raw(name)
+        yield from self._files[self._where[name]].chunks(name)
 
     def total_bytes(self) -> int:
         return sum(self.nbytes(n) for n in self.names())

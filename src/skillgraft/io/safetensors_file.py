@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -92,31 +91,50 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 
 class MappedFile:
-    """A read-only mmap of one safetensors file that hands out tensors without copying."""
+    """One safetensors file opened for reading; tensors are read with ``preadv`` into fresh buffers.
+
+    Positional reads (not an mmap held for the file's lifetime) keep the pages of a checkpoint out of this
+    process's resident set: peak RSS stays at the tensors in flight, whatever the model size.
+    """
+
+    CHUNK = 64 << 20
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.tensors, self.metadata = read_header(path)
         self._file = open(path, "rb")
-        size = path.stat().st_size
-        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self._fd = self._file.fileno()
 
-    def raw(self, name: str) -> memoryview:
+    def _read_into(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise FormatError(f"{self.path}: file ended early (truncated while open?)")
+            done += n
+
+    def chunks(self, name: str) -> Iterator[memoryview]:
+        """The stored bytes of one tensor in chunks of at most 64 MiB (a reused buffer: consume each at once)."""
         info = self.tensors[name]
-        assert self._mm is not None
-        return memoryview(self._mm)[info.begin : info.end]
+        buf = bytearray(min(self.CHUNK, info.nbytes))
+        view = memoryview(buf)
+        pos = info.begin
+        while pos < info.end:
+            n = min(len(buf), info.end - pos)
+            self._read_into(view[:n], pos)
+            yield view[:n]
+            pos += n
 
     def get(self, name: str) -> torch.Tensor:
         """Return tensor ``name`` as a fresh (writable) CPU tensor."""
         info = self.tensors[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        buf = bytearray(self.raw(name))
+        buf = bytearray(info.nbytes)
+        self._read_into(memoryview(buf), info.begin)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        if self._mm is not None:
-            self._mm.close()
         self._file.close()
 
 

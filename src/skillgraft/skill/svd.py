@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-EXACT_LIMIT = 1024  # below this smaller dimension a full SVD is cheap enough and exact
+EXACT_LIMIT = 128  # at or below this smaller dimension a full SVD is cheap; above, only when k is large
 
 
 def top_singular(
@@ -17,7 +17,7 @@ def top_singular(
     a = a.float()
     m, n = a.shape
     k = min(k, m, n)
-    if min(m, n) <= EXACT_LIMIT or 2 * k >= min(m, n):
+    if min(m, n) <= EXACT_LIMIT or 3 * k >= min(m, n):
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
         return u[:, :k], s[:k], vh[:k]
     gen = torch.Generator().manual_seed(seed)
