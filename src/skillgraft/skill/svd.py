@@ -10,6 +10,20 @@ import torch
 EXACT_LIMIT = 128  # at or below this smaller dimension a full SVD is cheap; above, only when k is large
 
 
+def orthonormalize(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of y's columns by CholeskyQR2 (two Gram-Cholesky passes, Gram in fp64): a few
+    GEMMs instead of a Householder QR, which is ~10× slower on tall matrices here. Falls back to QR when the
+    Gram matrix is not positive definite (rank-deficient input)."""
+    q = y
+    for _ in range(2):
+        g = (q.T @ q).double()
+        chol, info = torch.linalg.cholesky_ex(g)
+        if int(info) != 0:
+            return torch.linalg.qr(y)[0]
+        q = torch.linalg.solve_triangular(chol, q.double().T, upper=False).T.to(y.dtype)
+    return q
+
+
 def top_singular(
     a: torch.Tensor, k: int, seed: int = 0, niter: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -23,10 +37,9 @@ def top_singular(
     gen = torch.Generator().manual_seed(seed)
     p = min(k + max(8, k // 4), min(m, n))  # oversampling
     omega = torch.randn(n, p, generator=gen)
-    q, _ = torch.linalg.qr(a @ omega)
+    q = orthonormalize(a @ omega)
     for _ in range(niter):  # power iterations with re-orthonormalisation
-        z, _ = torch.linalg.qr(a.T @ q)
-        q, _ = torch.linalg.qr(a @ z)
+        q = orthonormalize(a @ orthonormalize(a.T @ q))
     b = q.T @ a  # [p, n]
     ub, s, vh = torch.linalg.svd(b, full_matrices=False)
     return (q @ ub)[:, :k], s[:k], vh[:k]
