@@ -1,185 +1,119 @@
-"""The README's main job: a short end-to-end run on tiny models this module trains itself.
-
-A character-level Llama learns to copy strings (the base), a full fine-tune learns to reverse them (the skill);
-the skill is extracted under a budget, stored in a library, applied by reference, and measured by exact match.
+"""The README's main job: SkillBench end to end — build or reuse the models, extract a skill pack per expert
+into a temporary library, merge the packs with every method, evaluate, rank, and write an HTML report.
 """
 
 from __future__ import annotations
 
-import random
+import json
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import torch
-
-ALPHABET = "abcdefghijklmnop"
-TASKS = {"copy": lambda s: s, "reverse": lambda s: s[::-1]}
-TAG = {"copy": "C", "reverse": "R"}
+from skillgraft.progress import ProgressFn, no_progress
 
 
-def _tokenizer(path: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", " ", ">", *TAG.values(), *ALPHABET])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", padding_side="left")
-    fast.save_pretrained(path)
-    return fast
-
-
-def _examples(task: str, n: int, seed: int) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        s = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(3, 6)))
-        out.append((f"{TAG[task]} {s}>", TASKS[task](s)))
-    return out
-
-
-def _train(model, tok, data: list[tuple[str, str]], steps: int, lr: float, seed: int) -> None:
-    """Teacher-forced training on target tokens only (prompt tokens are masked from the loss)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        batch = [data[i] for i in torch.randint(0, len(data), (64,), generator=g).tolist()]
-        texts = [p + t + tok.eos_token for p, t in batch]
-        enc = tok(texts, return_tensors="pt", padding=True)
-        labels = enc.input_ids.clone()
-        for row, (p, _) in enumerate(batch):
-            pad = int((enc.attention_mask[row] == 0).sum())
-            labels[row, : pad + len(p)] = -100
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-
-
-def exact_match(model, tok, data: list[tuple[str, str]]) -> float:
-    """Greedy generation, batched with left padding; the share of outputs equal to the target."""
-    enc = tok([p for p, _ in data], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(
-            **enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
-        )
-    texts = tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-    return sum(t.replace(" ", "") == target for t, (_, target) in zip(texts, data)) / len(data)
-
-
-def _build_models(work: Path, say: Callable[[str], None]) -> tuple[Path, Path]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    base_dir, tuned_dir = work / "base", work / "reverse-tuned"
-    if (base_dir / "config.json").exists() and (tuned_dir / "config.json").exists():
-        return base_dir, tuned_dir
-    tok = _tokenizer(base_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.eos_token_id,
-    )
-    model = LlamaForCausalLM(cfg)
-    t0 = time.time()
-    _train(model, tok, _examples("copy", 4000, 1), steps=500, lr=3e-3, seed=0)
-    model.save_pretrained(base_dir)
-    say(f"  trained the base (copy task) in {time.time() - t0:.0f} s")
-    t0 = time.time()
-    _train(model, tok, _examples("reverse", 4000, 2), steps=400, lr=1e-3, seed=1)
-    model.save_pretrained(tuned_dir)
-    tok.save_pretrained(tuned_dir)
-    say(f"  fine-tuned it on the reverse skill in {time.time() - t0:.0f} s")
-    return base_dir, tuned_dir
-
-
-BUDGETS = (0.05, 0.25, 0.5, None)  # None = dense (exact)
-
-
-def run_demo(workdir: Path | None = None, say: Callable[[str], None] = print) -> bool:
-    """Run the demo; returns True when the skill is there: the dense pack reproduces the fine-tune exactly,
-    the largest budgeted pack keeps most of its accuracy, and unapply restores the base."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from skillgraft import ExtractSpec, apply, apply_to_checkpoint, extract, unapply
+def run_demo(
+    out_dir: Path = Path("skillgraft-demo"),
+    profile: str = "quick",
+    budget: float | None = 0.25,
+    cache: Path | None = None,
+    say: Callable[[str], None] = print,
+    progress: ProgressFn = no_progress,
+) -> bool:
+    """Run the demo; returns True when the skills are there (experts far above the base) and at least one
+    merge keeps most of every skill. Writes ``results.json`` and ``report.html`` into ``out_dir``."""
+    from skillgraft.bench.build import build
+    from skillgraft.eval.report import render_html
+    from skillgraft.io.writer import atomic_path
     from skillgraft.library import Library
+    from skillgraft.study.merge import MergeStudySpec, run_merge_study
 
-    torch.manual_seed(0)
+    say(f"1. SkillBench ({profile}): building or reusing the base and one expert per skill")
+    manifest = build(profile, cache, progress)
+    say(f"   {manifest.root} — skills: {', '.join(manifest.skills)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="skillgraft-demo-") as tmp:
-        work = Path(workdir) if workdir else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        say("1. building tiny models (character-level Llama, real HF tokenizer)")
-        base_dir, tuned_dir = _build_models(work, say)
-        tok = AutoTokenizer.from_pretrained(base_dir, padding_side="left")
-        test = _examples("reverse", 200, 99)
+        lib = Library(Path(tmp) / "library")
+        label = "dense" if budget is None else f"{budget:.1%}"
+        say(
+            f"2. one skill pack per expert into a temporary library: full fine-tunes extracted at {label} of the "
+            "dense delta, LoRA experts imported exactly"
+        )
+        refs = _store_packs(manifest, lib, Path(tmp), budget, profile, say)
+        lib.close()
+        say("3. merging the packs of each kind with every method, evaluating every merge on every skill")
+        spec = MergeStudySpec(
+            profile=profile,
+            cache=cache,
+            experts=("full-pack", "lora-pack"),
+            packs=tuple(refs),
+            library=Path(tmp) / "library",
+            lambdas=(0.5, 1.0),
+            command="skillgraft demo",
+        )
+        results = run_merge_study(spec, progress)
+    with atomic_path(out_dir / "results.json", overwrite=True) as t:
+        t.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    with atomic_path(out_dir / "report.html", overwrite=True) as t:
+        t.write_text(render_html(results))
+    return _summarise(results, manifest.skills, out_dir, say)
 
-        def load(d: Path):
-            return AutoModelForCausalLM.from_pretrained(d).eval()
 
-        base_em, tuned_em = exact_match(load(base_dir), tok, test), exact_match(load(tuned_dir), tok, test)
-        say(f"   exact match on 200 held-out reverse prompts: base {base_em:.1%}, fine-tuned {tuned_em:.1%}")
-        lib = Library(work / "library")
-        say("2. extract the skill at several budgets, store each in a library, apply it by reference")
-        rows = []
-        for i, budget in enumerate(BUDGETS):
-            label = "dense" if budget is None else f"{budget:.0%}"
-            spec = ExtractSpec(
-                base=base_dir,
-                tuned=tuned_dir,
-                out=work / f"reverse-{label.rstrip('%')}.skill",
+def _store_packs(
+    manifest: Any, lib: Any, tmp: Path, budget: float | None, profile: str, say: Callable[[str], None]
+) -> list[tuple[str, str, str]]:
+    from skillgraft.io.peft_adapter import import_lora
+    from skillgraft.skill.extract import ExtractSpec, extract
+
+    base = manifest.model_dir("base")
+    refs = []
+    for s in manifest.skills:
+        r = extract(
+            ExtractSpec(
+                base=base,
+                tuned=manifest.model_dir(f"experts/{s}-full"),
+                out=tmp / f"{s}.skill",
                 budget=budget,
                 dense=budget is None,
-                name="reverse",
-                version=i + 1,
-                description=f"reverse a string ({label})",
-                tags=("demo", label),
-                overwrite=True,
+                name=s,
+                tags=("skillbench", profile),
             )
-            res = extract(spec)
-            rec = lib.add(res.path)
-            out = work / f"base+reverse@{rec.version}"
-            apply_to_checkpoint(base_dir, [(lib.path(rec.ref), 1.0)], out, overwrite=True)
-            energy = sum(t.energy for t in res.tensors)
-            kept = sum(t.energy * t.retained for t in res.tensors) / energy if energy else 1.0
-            rows.append(
-                (
-                    rec.ref,
-                    label,
-                    res.file_bytes,
-                    res.file_bytes / res.dense_delta_bytes,
-                    kept,
-                    exact_match(load(out), tok, test),
-                )
-            )
-        say(f"   {'skill':<11}{'budget':>7}{'bytes':>10}{'of dense Δ':>12}{'energy kept':>13}{'exact match':>13}")
-        for ref, label, size, frac, kept, em in rows:
-            say(f"   {ref:<11}{label:>7}{size:>10,}{frac:>12.1%}{kept:>13.1%}{em:>13.1%}")
-        say("3. hot-swap in place: apply the dense skill to a loaded base, then unapply it")
-        model = load(base_dir)
-        apply(model, [lib.path(rows[-1][0])])
-        em_in = exact_match(model, tok, test)
-        unapply(model)
-        em_out = exact_match(model, tok, test)
-        say(f"   applied in place: {em_in:.1%}; after unapply: {em_out:.1%}")
-        lib.close()
-        ok = rows[-1][-1] == tuned_em and em_in == tuned_em and em_out == base_em and tuned_em > base_em + 0.5
-        best_budgeted = max(r[-1] for r in rows[:-1])
-        say(
-            f"the skill is there: dense pack = fine-tune ({tuned_em:.1%}), best budgeted pack {best_budgeted:.1%}, "
-            f"base {base_em:.1%}"
-            if ok
-            else "FAILED: the applied skill does not reproduce the fine-tune"
         )
-        return ok
+        rec = lib.add(r.path)
+        refs.append(("full-pack", s, rec.ref))
+        import_lora(manifest.model_dir(f"experts/{s}-lora"), tmp / f"{s}-lora.skill", base=base, name=f"{s}-lora")
+        rec_l = lib.add(tmp / f"{s}-lora.skill")
+        refs.append(("lora-pack", s, rec_l.ref))
+        say(
+            f"   {rec.ref:<14} {r.file_bytes:>9,} bytes ({r.file_bytes / r.dense_delta_bytes:.1%} of dense Δ); "
+            f"{rec_l.ref:<18} {rec_l.size:>9,} bytes"
+        )
+    return refs
+
+
+def _summarise(results: dict, skills: tuple[str, ...], out_dir: Path, say: Callable[[str], None]) -> bool:
+    from skillgraft.eval.report import ranked_methods
+
+    base = {s: results["base"][s]["em"] for s in skills}
+    ok = True
+    for kind in ("full-pack", "lora-pack"):
+        own = {s: results["experts"][kind][s][s]["em"] for s in skills}
+        say(
+            f"   {kind}: exact match on its own skill — "
+            + ", ".join(f"{s} {base[s]:.0%} → {own[s]:.0%}" for s in skills)
+        )
+        ok &= all(own[s] >= base[s] + 0.3 for s in skills)
+    say("4. merges ranked by mean normalized accuracy (merged ÷ expert, per skill)")
+    say(f"   {'experts':<11}{'method':<18}{'normalized':>11}{'exact match':>13}{'seconds':>9}")
+    ranked = ranked_methods(results)
+    for r in ranked:
+        norm, em = f"{r['mean_normalized']:.1%}", f"{r['mean_em']:.1%}"
+        say(f"   {r['experts']:<11}{r['method']:<18}{norm:>11}{em:>13}{r['seconds']:>9.2f}")
+    say(f"report: {out_dir / 'report.html'}   results: {out_dir / 'results.json'}")
+    say(
+        "the skills are there: every pack lifts the base on its skill"
+        if ok
+        else "FAILED: a pack did not lift its skill"
+    )
+    return ok and len(ranked) > 0

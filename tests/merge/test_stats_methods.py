@@ -16,11 +16,13 @@ from skillgraft.merge.stats import compute_stats
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from skillgraft.demo import _examples, _tokenizer
+    from skillgraft.bench.skills import examples as bench_examples
+    from skillgraft.bench.tokenizer import make_tokenizer
 
     root = tmp_path_factory.mktemp("stats")
     base = root / "base"
-    tok = _tokenizer(base)
+    tok = make_tokenizer()
+    tok.save_pretrained(base)
     m = build(llama_config(vocab_size=len(tok)))
     save(m, base)
     fts = []
@@ -29,7 +31,7 @@ def setup(tmp_path_factory):
         finetune_like(m2, seed=seed)
         fts.append(save(m2, root / f"ft{seed}"))
     examples = root / "examples.jsonl"
-    examples.write_text("\n".join(json.dumps({"prompt": p, "target": t}) for p, t in _examples("reverse", 16, 0)))
+    examples.write_text("\n".join(json.dumps(r) for r in bench_examples("reverse", "train", 16, 0)))
     return base, fts, examples
 
 

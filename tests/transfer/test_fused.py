@@ -9,14 +9,14 @@ from conftest import build, finetune_like, llama_config
 from skillgraft.errors import MismatchError
 from skillgraft.transfer import ExpertPair, FusedModel, GenerationSpec
 
-PROMPTS = ["R abc>", "C hello>", "R ponmlk>", "S a>"]
+PROMPTS = ["abc>", "ba hd>", "hgfedcb>", "a>"]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from skillgraft.demo import _tokenizer
+    from skillgraft.bench.tokenizer import make_tokenizer
 
-    tok = _tokenizer(tmp_path_factory.mktemp("tok"))
+    tok = make_tokenizer()
     v = len(tok)
     large = build(llama_config(vocab_size=v + 3, hidden_size=96), seed=1)  # padded output layer
     small = build(llama_config(vocab_size=v), seed=2)
@@ -76,8 +76,8 @@ def test_sampling_is_seeded(models):
 def test_loglik_alpha_zero_matches_large_model(models):
     tok, large, small, expert = models
     fused = FusedModel(large, tok, [ExpertPair(expert, small, alpha=0.0)], method="eft")
-    ((total, n),) = fused.loglik([("R abc>", "cba")])
-    ids = tok("R abc>cba", add_special_tokens=False).input_ids
+    ((total, n),) = fused.loglik([("ab c>", "cba")])
+    ids = tok("ab c>cba", add_special_tokens=False).input_ids
     with torch.no_grad():
         lp = torch.log_softmax(large(input_ids=torch.tensor([ids])).logits[0, :, : len(tok)], -1)
     expected = sum(float(lp[i - 1, ids[i]]) for i in range(len(ids) - 3, len(ids)))

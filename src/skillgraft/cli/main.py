@@ -44,11 +44,14 @@ def _global(
 
 def _register() -> None:
     from skillgraft.cli import (  # noqa: F401  (registers commands)
+        bench_cmd,
         eval_cmd,
         library_cmd,
         lora_cmd,
         merge_cmd,
+        report_cmd,
         skill_cmd,
+        study_cmd,
         transfer_cmd,
     )
 

@@ -172,13 +172,18 @@ def inspect(
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(None, help="Keep the demo's models and skills here (default: a temp dir)."),
+    profile: str = typer.Option("quick", help="SkillBench profile: quick (minutes) or full (the complete study)."),
+    out: Path = typer.Option(Path("skillgraft-demo"), "-o", "--out", help="Where results.json and report.html go."),
+    budget: str = typer.Option("25%", help="Skill pack budget per expert (a fraction of the dense delta, or 'dense')."),
+    cache: Path = typer.Option(None, "--cache", envvar="SKILLGRAFT_CACHE", help="SkillBench cache directory."),
 ) -> None:
-    """Build tiny models, extract a skill, store it in a library, apply it and show the skill is there.
+    """Build (or reuse) SkillBench, extract a skill per expert into a library, merge with every method, rank.
 
-    Example: skillgraft demo
+    Example: skillgraft demo --profile quick -o ./skillgraft-demo
     """
     from skillgraft.demo import run_demo
 
-    ok = run_demo(workdir, say=console.print)
+    frac = None if budget == "dense" else parse_fraction(budget)
+    with progress_bar() as progress:
+        ok = run_demo(out, profile, frac, cache, say=console.print, progress=progress)
     raise typer.Exit(0 if ok else 1)

@@ -40,6 +40,12 @@ def _replace(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file path next to ``final``; rename it over ``final`` if the block succeeds."""
@@ -50,6 +56,7 @@ def atomic_path(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the user's usual mode
         _replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

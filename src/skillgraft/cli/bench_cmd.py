@@ -1,0 +1,102 @@
+"""CLI commands over SkillBench: ``bench build`` trains and caches a profile's models, ``bench show`` prints
+the accuracies its manifest recorded at build time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from skillgraft.cli.main import app, console
+from skillgraft.cli.render import info, print_json, progress_bar
+
+bench_app = typer.Typer(
+    help="SkillBench: string skills with tiny Llama bases and experts built on CPU in minutes.\n\n"
+    "Example: skillgraft bench build --profile quick && skillgraft bench show --profile quick",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+PROFILE_OPT = typer.Option("quick", "--profile", "-p", help="quick (3 skills, ~1-3 min) or full (8 skills).")
+CACHE_OPT = typer.Option(
+    None, "--cache", envvar="SKILLGRAFT_CACHE", help="Cache directory (default: the user cache's skillbench/)."
+)
+
+
+def _summary(m) -> dict:
+    return {
+        "root": str(m.root),
+        "profile": m.profile,
+        "seed": m.seed,
+        "build_seconds": m.build_seconds,
+        "skills": list(m.skills),
+        "compositions": list(m.compositions),
+        "models": {k: {**v, "path": str(m.root / v["path"])} for k, v in m.models.items()},
+        "accuracy": m.accuracy,
+    }
+
+
+def _table(m) -> Table:
+    """One row per skill: base, large base, and each expert on that skill (test-split exact match)."""
+    table = Table(title=f"SkillBench {m.profile} — exact match on each skill's test split ({m.root})")
+    cols = ("skill", "base", "full", "lora", "base-large", "large full")
+    for c in cols:
+        table.add_column(c, justify="left" if c == "skill" else "right")
+
+    def pct(key: str, skill: str) -> str:
+        v = m.accuracy.get(key, {}).get(skill)
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    for s in m.skills:
+        keys = ("base", f"experts/{s}-full", f"experts/{s}-lora", "base-large", f"experts-large/{s}-full")
+        table.add_row(s, *(pct(k, s) for k in keys))
+    return table
+
+
+def _params_line(m) -> str:
+    b, large = m.models["base"]["params"], m.models["base-large"]["params"]
+    return f"base {b:,} parameters, base-large {large:,}; built in {m.build_seconds:.0f} s"
+
+
+@bench_app.command("build")
+def build_cmd(
+    profile: str = PROFILE_OPT,
+    cache: Path = CACHE_OPT,
+    rebuild: bool = typer.Option(False, "--rebuild", help="Build again even if the cache holds this profile."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
+) -> None:
+    """Build (or reuse) a profile's data, tokenizer, bases and experts in the cache.
+
+    Example: skillgraft bench build --profile full --cache ./skillbench
+    """
+    from skillgraft.bench.build import build
+
+    with progress_bar() as progress:
+        m = build(profile, cache, progress, rebuild=rebuild)
+    if as_json:
+        print_json(_summary(m))
+        return
+    console.print(_table(m))
+    info(_params_line(m))
+
+
+@bench_app.command("show")
+def show_cmd(
+    profile: str = PROFILE_OPT,
+    cache: Path = CACHE_OPT,
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
+) -> None:
+    """Print a built profile's accuracy table (measured when it was built).
+
+    Example: skillgraft bench show --profile quick --json
+    """
+    from skillgraft.bench.build import BenchManifest, default_cache, get_profile
+
+    prof = get_profile(profile)
+    m = BenchManifest.load((cache or default_cache()) / prof.name)
+    if as_json:
+        print_json(_summary(m))
+        return
+    console.print(_table(m))
+    info(_params_line(m))

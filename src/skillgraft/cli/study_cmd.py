@@ -1,0 +1,140 @@
+"""CLI sub-app ``study``: merge, compress and transfer studies on SkillBench, each writing a results JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from skillgraft.cli.main import app, console
+from skillgraft.cli.render import info, progress_bar
+from skillgraft.cli.skill_cmd import _command_line, parse_fraction
+
+study_app = typer.Typer(
+    help="Measure merges, compression and cross-scale transfer on SkillBench.", no_args_is_help=True
+)
+app.add_typer(study_app, name="study")
+
+PROFILE = typer.Option("quick", help="SkillBench profile: quick | full.")
+CACHE = typer.Option(None, "--cache", envvar="SKILLGRAFT_CACHE", help="SkillBench cache directory.")
+OUT = typer.Option(Path("results.json"), "-o", "--out", help="Results JSON to write.")
+REPORT = typer.Option(None, "--report", help="Also write an HTML report here.")
+SKILLS = typer.Option([], "--skill", help="Restrict to these skills (repeatable).")
+LIMIT = typer.Option(None, help="Test examples per skill (default: all).")
+
+
+def _finish(results: dict[str, Any], out: Path, report: Path | None) -> None:
+    from skillgraft.eval.report import render_html, render_markdown
+    from skillgraft.io.writer import atomic_path
+
+    with atomic_path(out, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    console.print(render_markdown(results))
+    if report is not None:
+        with atomic_path(report, overwrite=True) as tmp:
+            tmp.write_text(render_html(results))
+        info(f"report: {report}")
+    info(f"results: {out}")
+
+
+@study_app.command("merge")
+def merge_study(
+    profile: str = PROFILE,
+    cache: Path = CACHE,
+    skill: list[str] = SKILLS,
+    method: list[str] = typer.Option([], "--method", help="Merge methods (repeatable; default: all that apply)."),
+    experts: str = typer.Option("full,lora", help="Expert kinds to merge: full, lora or both."),
+    n_skills: list[int] = typer.Option([], "--n-skills", help="Merge the first N skills (repeatable), e.g. 4 and 8."),
+    lambdas: str = typer.Option("0.3,0.5,0.7,1.0", help="λ values of the sweep (task arithmetic, TIES)."),
+    limit: int = LIMIT,
+    seed: int = typer.Option(0),
+    out: Path = OUT,
+    report: Path = REPORT,
+) -> None:
+    """Experts, interference matrix, every merge method (normalized accuracy) and a λ sweep.
+
+    Example: skillgraft study merge --profile full --n-skills 4 --n-skills 8 -o merge.json --report merge.html
+    """
+    from skillgraft.study.merge import DEFAULT_METHODS, MergeStudySpec, run_merge_study
+
+    spec = MergeStudySpec(
+        profile=profile,
+        cache=cache,
+        skills=tuple(skill),
+        methods=tuple(method) or DEFAULT_METHODS,
+        experts=tuple(e.strip() for e in experts.split(",") if e.strip()),
+        n_skills=tuple(n_skills),
+        lambdas=tuple(float(x) for x in lambdas.split(",") if x.strip()),
+        limit=limit,
+        seed=seed,
+        command=_command_line(),
+    )
+    with progress_bar() as progress:
+        results = run_merge_study(spec, progress)
+    _finish(results, out, report)
+
+
+@study_app.command("compress")
+def compress_study(
+    profile: str = PROFILE,
+    cache: Path = CACHE,
+    skill: list[str] = SKILLS,
+    budgets: str = typer.Option("0.5%,1%,2%,5%,10%", help="Pack budgets (dense is always added)."),
+    int8: bool = typer.Option(False, "--int8", help="int8 low-rank factors."),
+    limit: int = LIMIT,
+    out: Path = OUT,
+    report: Path = REPORT,
+) -> None:
+    """Retained skill (exact match ÷ expert's) against pack size, per skill.
+
+    Example: skillgraft study compress --profile full -o compress.json --report compress.html
+    """
+    from skillgraft.study.compress import CompressStudySpec, run_compress_study
+
+    spec = CompressStudySpec(
+        profile=profile,
+        cache=cache,
+        skills=tuple(skill),
+        limit=limit,
+        int8=int8,
+        budgets=tuple(parse_fraction(b) for b in budgets.split(",") if b.strip()),
+        command=_command_line(),
+    )
+    with progress_bar() as progress:
+        results = run_compress_study(spec, progress)
+    _finish(results, out, report)
+
+
+@study_app.command("transfer")
+def transfer_study(
+    profile: str = PROFILE,
+    cache: Path = CACHE,
+    skill: list[str] = SKILLS,
+    method: list[str] = typer.Option([], "--method", help="proxy, eft, dlf (repeatable; default: all)."),
+    alpha: float = typer.Option(1.0, help="Static α for proxy tuning and EFT."),
+    limit: int = typer.Option(100, help="Test examples per skill."),
+    multi: bool = typer.Option(True, "--multi/--no-multi", help="Also all experts at once on mixed prompts."),
+    out: Path = OUT,
+    report: Path = REPORT,
+) -> None:
+    """Large base steered by small experts: exact match, log-likelihood, gap closed, and tokens/s overhead.
+
+    Example: skillgraft study transfer --profile full -o transfer.json --report transfer.html
+    """
+    from skillgraft.study.transfer import METHODS, TransferStudySpec, run_transfer_study
+
+    spec = TransferStudySpec(
+        profile=profile,
+        cache=cache,
+        skills=tuple(skill),
+        methods=tuple(method) or METHODS,
+        alpha=alpha,
+        limit=limit,
+        multi=multi,
+        command=_command_line(),
+    )
+    with progress_bar() as progress:
+        results = run_transfer_study(spec, progress)
+    _finish(results, out, report)

@@ -1,0 +1,183 @@
+"""``study merge``: experts, interference and every merge method on SkillBench, with λ sweeps.
+
+Each merge runs through the real engine (inputs: full fine-tuned checkpoints or PEFT adapter directories),
+writes a skill pack to a temp dir, is applied in memory to the loaded base and scored on its skills.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from skillgraft.bench.build import BenchManifest
+from skillgraft.progress import ProgressFn, no_progress
+from skillgraft.study.common import Scores, check_skills, load, new_results, score
+
+DEFAULT_METHODS = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "magnitude_prune",
+    "pcb",
+    "consensus",
+    "fisher",
+    "regmean",
+)
+SWEEP = ("task_arithmetic", "ties")
+
+
+@dataclass(frozen=True)
+class MergeStudySpec:
+    profile: str = "quick"
+    cache: Path | None = None
+    skills: tuple[str, ...] = ()  # empty: every skill of the build
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    experts: tuple[str, ...] = ("full", "lora")
+    n_skills: tuple[int, ...] = ()  # merge the first n skills for each n; empty: all chosen skills
+    lambdas: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
+    sweep_methods: tuple[str, ...] = SWEEP
+    limit: int | None = None  # test examples per skill
+    seed: int = 0
+    command: str = ""
+    packs: tuple[tuple[str, str, str], ...] = ()  # (kind, skill, library reference): experts stored as packs
+    library: Path | None = None
+
+
+class _Study:
+    def __init__(self, spec: MergeStudySpec, manifest: BenchManifest, skills: list[str], progress: ProgressFn):
+        self.spec, self.m, self.skills, self.progress = spec, manifest, skills, progress
+        self.base_dir = manifest.model_dir("base")
+        self.model, self.tok = load(self.base_dir)
+        self.tmp = tempfile.TemporaryDirectory(prefix="skillgraft-study-")
+        self.own: dict[str, dict[str, float]] = {}  # kind -> skill -> expert EM on its own skill
+
+    def score_with(self, pack: Path | None, skills: list[str]) -> Scores:
+        from skillgraft.skill.apply import apply, unapply
+
+        if pack is not None:
+            apply(self.model, [pack])
+        try:
+            return score(self.model, self.tok, self.m, skills, self.spec.limit)
+        finally:
+            unapply(self.model)
+
+    def expert_source(self, kind: str, skill: str) -> str:
+        refs = {(k, s): ref for k, s, ref in self.spec.packs}
+        if (kind, skill) in refs:
+            return refs[(kind, skill)]
+        return str(self.m.model_dir(f"experts/{skill}-{kind}"))
+
+    def expert_pack(self, kind: str, skill: str) -> Path:
+        """The expert as a skill pack (a LoRA is imported exactly, a full fine-tune extracted densely)."""
+        if any(k == kind for k, _, _ in self.spec.packs):
+            from skillgraft.library import Library, resolve_skill
+
+            return resolve_skill(self.expert_source(kind, skill), Library(self.spec.library))
+        out = Path(self.tmp.name) / f"expert-{kind}-{skill}.skill"
+        if kind == "lora":
+            from skillgraft.io.peft_adapter import import_lora
+
+            import_lora(self.expert_source(kind, skill), out, base=self.base_dir, overwrite=True)
+        else:
+            from skillgraft.skill.extract import ExtractSpec, extract
+
+            extract(
+                ExtractSpec(
+                    base=self.base_dir, tuned=Path(self.expert_source(kind, skill)), out=out, dense=True, overwrite=True
+                )
+            )
+        return out
+
+    def experts(self, kind: str) -> dict[str, Scores]:
+        table = {}
+        for s in self.skills:
+            table[s] = self.score_with(self.expert_pack(kind, s), self.skills)
+        self.own[kind] = {s: table[s][s]["em"] for s in self.skills}
+        return table
+
+    def examples_file(self, skills: list[str]) -> Path:
+        path = Path(self.tmp.name) / f"calib-{'-'.join(skills)}.jsonl"
+        rows = []
+        for s in skills:
+            with open(self.m.data_path(s, "train")) as f:
+                rows += [json.loads(line) for _, line in zip(range(32), f)]
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        return path
+
+    def merge(self, kind: str, skills: list[str], method: str, params: dict[str, Any]) -> dict[str, Any]:
+        from skillgraft.merge.config import MergeConfig, MergeInput
+        from skillgraft.merge.engine import MergeOptions, merge
+        from skillgraft.merge.registry import get_method
+
+        info = get_method(method)
+        cfg = MergeConfig(
+            base=str(self.base_dir),
+            method=method,
+            parameters=params,
+            seed=self.spec.seed,
+            inputs=tuple(MergeInput(self.expert_source(kind, s)) for s in skills),
+            examples=str(self.examples_file(skills)) if info.stats else None,
+            num_examples=32 * len(skills),
+        )
+        out = Path(self.tmp.name) / "merged.skill"
+        t0 = time.perf_counter()
+        merge(cfg, MergeOptions(out=out, out_format="skill", overwrite=True, library=self.spec.library))
+        seconds = time.perf_counter() - t0
+        scores = self.score_with(out, skills)
+        norm = {s: (scores[s]["em"] / self.own[kind][s]) if self.own[kind][s] > 0 else 0.0 for s in skills}
+        return {
+            "method": method,
+            "experts": kind,
+            "n_skills": len(skills),
+            "params": params,
+            "lambda": params.get("lambda", 1.0),
+            "scores": scores,
+            "normalized": norm,
+            "mean_normalized": sum(norm.values()) / len(norm),
+            "mean_em": sum(v["em"] for v in scores.values()) / len(scores),
+            "seconds": seconds,
+        }
+
+
+def run_merge_study(spec: MergeStudySpec, progress: ProgressFn = no_progress) -> dict[str, Any]:
+    """Run the study; returns the results document (see ``skillgraft report``)."""
+    from skillgraft.bench.build import build
+    from skillgraft.merge.registry import get_method
+
+    for m in (*spec.methods, *spec.sweep_methods):
+        get_method(m)  # unknown names fail before any work
+    manifest = build(spec.profile, spec.cache, progress)
+    skills = check_skills(manifest, spec.skills)
+    study = _Study(spec, manifest, skills, progress)
+    res = new_results(manifest, skills, spec.command)
+    res["base"] = score(study.model, study.tok, manifest, skills, spec.limit)
+    res["experts"], res["merge"], res["lambda_sweep"] = {}, [], []
+    sizes = [n for n in (spec.n_skills or (len(skills),)) if 2 <= n <= len(skills)] or [len(skills)]
+    jobs = [(k, n, m) for k in spec.experts for n in sizes for m in spec.methods]
+    done = 0
+    for kind in spec.experts:
+        res["experts"][kind] = study.experts(kind)
+        for n in sizes:
+            for method in spec.methods:
+                progress("merge study", done, len(jobs))
+                res["merge"].append(study.merge(kind, skills[:n], method, {}))
+                done += 1
+            for method in spec.sweep_methods:
+                for lam in spec.lambdas:
+                    r = study.merge(kind, skills[:n], method, {"lambda": lam})
+                    res["lambda_sweep"].append(
+                        {k: r[k] for k in ("method", "experts", "n_skills", "lambda", "mean_normalized", "mean_em")}
+                    )
+    progress("merge study", len(jobs), len(jobs))
+    study.tmp.cleanup()
+    return res
