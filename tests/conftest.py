@@ -114,3 +114,12 @@ def logits(model, seed: int = 0) -> torch.Tensor:
 def leftovers(directory: Path) -> list[str]:
     """Temporary files/directories a failed write could have left behind."""
     return sorted(p.name for p in Path(directory).iterdir() if ".partial" in p.name or p.name.endswith(".tmp"))
+
+
+@pytest.fixture(scope="session")
+def quick_bench(tmp_path_factory):
+    """The quick SkillBench profile, built once per test session (or reused from $SKILLGRAFT_TEST_CACHE)."""
+    from skillgraft.bench.build import build
+
+    cache = os.environ.get("SKILLGRAFT_TEST_CACHE")
+    return build("quick", Path(cache) if cache else tmp_path_factory.mktemp("skillbench"))

@@ -67,12 +67,3 @@ def test_extract_json_and_library_round_trip(llama_pair, tmp_path, capsys):
     assert summary["skills"] == [{"name": "math", "version": 1, "weight": 0.5}]
     assert main(["inspect", "math", "--library", lib, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "math"
-
-
-@pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
-    from skillgraft.demo import run_demo
-
-    lines: list[str] = []
-    assert run_demo(tmp_path, say=lines.append), "\n".join(lines)
-    assert any("the skill is there" in line for line in lines)

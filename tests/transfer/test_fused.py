@@ -135,3 +135,33 @@ def test_cli_generate_with_skill_expert(models, tmp_path, capsys):
         argv = ["generate", "--base", str(tmp_path / "large"), "--expert", bad, "--prompts", str(tmp_path / "p.jsonl")]
         assert main(argv) == 3
         assert text in capsys.readouterr().err
+
+
+def test_eval_with_experts_uses_the_fused_model(models, tmp_path, capsys):
+    """`skillgraft eval LARGE --expert …` measures transfer with the same harness: with the small base as LARGE
+    and α = 1 the fused scores equal the expert's own scores."""
+    import json
+
+    from skillgraft.cli.main import main
+
+    tok, _, small, expert = models
+    for name, m in (("small", small), ("expert", expert)):
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    rows = [{"prompt": p, "target": "ab"} for p in PROMPTS]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    common = ["-q", "eval", "--tasks", str(tmp_path / "t.jsonl"), "--json", "--samples"]
+    assert main([*common[:2], str(tmp_path / "expert"), *common[2:]]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    argv = [
+        *common[:2],
+        str(tmp_path / "small"),
+        *common[2:],
+        "--expert",
+        f"{tmp_path / 'expert'}:{tmp_path / 'small'}:1",
+    ]
+    assert main([*argv, "--method", "eft"]) == 0
+    fused = json.loads(capsys.readouterr().out)
+    (d,), (f,) = direct["tasks"].values(), fused["tasks"].values()
+    assert [s["prediction"] for s in d["samples"]] == [s["prediction"] for s in f["samples"]]
+    assert f["mean_loglik"] == pytest.approx(d["mean_loglik"], abs=1e-3)

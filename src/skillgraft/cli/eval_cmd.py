@@ -30,6 +30,10 @@ def eval_(
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="Prompts per forward pass."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Override every task's generation limit."),
     force: bool = typer.Option(False, "--force", help="Apply a skill even if it was made for another base."),
+    expert: list[str] = typer.Option(
+        [], "--expert", help="SMALL_TUNED:SMALL_BASE[:ALPHA]: steer MODEL by logit arithmetic (repeatable)."
+    ),
+    method: str = typer.Option("proxy", "--method", help="With --expert: proxy | eft | dlf."),
     library: Path = LIBRARY_OPT,
     samples: bool = typer.Option(False, "--samples", help="With --json: include every example's prediction."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
@@ -38,9 +42,12 @@ def eval_(
 
     A JSONL task has one {"prompt", "target", "choices"?} object a line.
 
+    With --expert, MODEL is a large base steered by small (expert, base) pairs, as in `skillgraft generate`.
+
     Example: skillgraft eval ./llama-base --skill math.skill --tasks gsm8k:100 --tasks my_task.jsonl --json
     """
-    from skillgraft.eval.harness import EvalSpec, evaluate
+    from skillgraft.errors import InputError
+    from skillgraft.eval.harness import EvalSpec, evaluate, evaluate_fused
     from skillgraft.skill.apply import WeightedSkill
 
     parsed = [WeightedSkill.parse(s) for s in skill]
@@ -54,8 +61,15 @@ def eval_(
         library=library,
         force=force,
     )
+    transfer = None
+    if expert:
+        from skillgraft.transfer.load import ExpertSpec, TransferSpec
+
+        if skill:
+            raise InputError("--skill and --expert cannot be combined", hint="apply the skill to the small expert")
+        transfer = TransferSpec(model, tuple(ExpertSpec.parse(e) for e in expert), method, library=library)
     with progress_bar() as progress:
-        res = evaluate(spec, progress)
+        res = evaluate_fused(spec, transfer, progress) if transfer else evaluate(spec, progress)
     if as_json:
         print_json(res.to_dict(samples=samples))
         return

@@ -118,8 +118,14 @@ class GenerateParams:
 def generate(
     model: Any, tokenizer: Any, prompts: Sequence[str], params: GenerateParams, count: Counter = _no_count
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (KV cache via ``model.generate``), cut at EOS and stop strings."""
+    """Greedy continuations of ``prompts`` (KV cache via ``model.generate``), cut at EOS and stop strings.
+
+    A :class:`skillgraft.transfer.FusedModel` (large base steered by small experts) decodes with its own loop.
+    """
     from transformers import GenerationConfig
+
+    if hasattr(model, "harness_generate"):
+        return model.harness_generate(list(prompts), params.max_new_tokens, tuple(params.stop), params.batch_size)
 
     eos, pad = _eos_ids(model, tokenizer), _pad_id(tokenizer)
     config = GenerationConfig(
@@ -183,7 +189,12 @@ def _accepts(model: Any, name: str) -> bool:
 def loglikelihood(
     model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int = 8, count: Counter = _no_count
 ) -> list[Loglik]:
-    """Score each ``(prompt, target)`` pair in batches: one forward pass over ``prompt + target[:-1]``."""
+    """Score each ``(prompt, target)`` pair in batches: one forward pass over ``prompt + target[:-1]``.
+
+    A FusedModel scores under its fused, renormalised distribution.
+    """
+    if hasattr(model, "harness_loglik"):
+        return [Loglik(t, n, g) for t, n, g in model.harness_loglik(list(requests))]
     pairs = [encode_pair(tokenizer, p, t) for p, t in requests]
     results: list[Loglik | None] = [Loglik(0.0, 0, True) if not cont else None for _, cont in pairs]
     todo = [i for i, r in enumerate(results) if r is None]

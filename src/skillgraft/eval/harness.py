@@ -215,3 +215,15 @@ def evaluate(spec: EvalSpec, progress: ProgressFn = no_progress) -> EvalResult:
     finally:
         unapply(model)
     return EvalResult(str(spec.model), spec.skills, tuple(results), time.perf_counter() - t0)
+
+
+def evaluate_fused(spec: EvalSpec, transfer: Any, progress: ProgressFn = no_progress) -> EvalResult:
+    """Score a large base steered by small experts (``transfer``: a ``TransferSpec``) on the same tasks and
+    metrics as :func:`evaluate` — transfer and merges are measured by one harness."""
+    from skillgraft.transfer.load import load_fused
+
+    t0 = time.perf_counter()
+    tasks = resolve_tasks(spec.tasks)
+    fused = load_fused(transfer)
+    results = _evaluate_loaded(fused, fused.tok, tasks, spec, progress)
+    return EvalResult(f"{spec.model} ({transfer.method})", spec.skills, tuple(results), time.perf_counter() - t0)

@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def validate_results(data: Any, source: str = "results") -> dict[str, Any]:
             continue
         if not isinstance(value, typ):
             raise FormatError(f"{source}: section {name!r} must be a JSON {'array' if typ is list else 'object'}")
-        if typ is list and name != "skills" and not all(isinstance(row, dict) for row in value):
+        if isinstance(value, list) and name != "skills" and not all(isinstance(row, dict) for row in value):
             raise FormatError(f"{source}: every entry of section {name!r} must be a JSON object")
     return data
 
@@ -118,8 +119,12 @@ def _budget(value: Any) -> str:
     return "dense" if value is None else "-" if v is None else f"{100 * v:g}%"
 
 
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _settings(row: dict[str, Any]) -> str:
-    params = row.get("params") if isinstance(row.get("params"), dict) else {}
+    params = _obj(row.get("params"))
     parts = [f"{k}={v:g}" if _num(v) is not None else f"{k}={v}" for k, v in sorted(params.items())]
     lam = _num(row.get("lambda"))
     if lam is not None:
@@ -252,7 +257,8 @@ def compress_table(results: dict[str, Any]) -> Table | None:
     rows = results.get("compress") or []
     if not rows:
         return None
-    ordered = sorted(rows, key=lambda r: (str(r.get("skill")), r.get("budget") is None, _num(r.get("budget")) or 0))
+    skill = _skill_key(results)
+    ordered = sorted(rows, key=lambda r: (skill(r.get("skill")), r.get("budget") is None, _num(r.get("budget")) or 0))
     cells = []
     for r in ordered:
         size, dense = _num(r.get("bytes")), _num(r.get("dense_bytes"))
@@ -284,7 +290,8 @@ def transfer_table(results: dict[str, Any]) -> Table | None:
     rows = results.get("transfer") or []
     if not rows:
         return None
-    ordered = sorted(rows, key=lambda r: (str(r.get("skill")), _transfer_order(str(r.get("method")))))
+    skill = _skill_key(results)
+    ordered = sorted(rows, key=lambda r: (skill(r.get("skill")), _transfer_order(str(r.get("method")))))
     cells = [
         (
             str(r.get("skill", "?")),
@@ -303,8 +310,7 @@ def speed_table(results: dict[str, Any]) -> Table | None:
     speed = results.get("transfer_speed") or {}
     if not speed:
         return None
-    fused = speed.get("fused_tokens_per_s") if isinstance(speed.get("fused_tokens_per_s"), dict) else {}
-    slowdown = speed.get("slowdown") if isinstance(speed.get("slowdown"), dict) else {}
+    fused, slowdown = _obj(speed.get("fused_tokens_per_s")), _obj(speed.get("slowdown"))
     cells = [("large model alone", _fixed(speed.get("large_tokens_per_s"), 1), "1.00×")]
     for method in sorted(set(fused) | set(slowdown)):
         s = _num(slowdown.get(method))
@@ -312,42 +318,49 @@ def speed_table(results: dict[str, Any]) -> Table | None:
     return _table(("decoding", "tokens/s", "slowdown"), cells, 1)
 
 
+def _skill_key(results: dict[str, Any]) -> Callable[[Any], tuple[int, str]]:
+    order = {s: i for i, s in enumerate(_skills(results))}
+    return lambda skill: (order.get(str(skill), len(order)), str(skill))
+
+
 def sections(results: dict[str, Any]) -> list[Section]:
-    """The report's sections in reading order; each only when its data is present."""
+    """The report's sections in reading order; each only when its data is present. Figures are drawn lazily."""
     from skillgraft.eval import report_plots as plots
 
     out: list[Section] = []
     if results.get("merge"):
-        merge = results["merge"]
         out.append(
             Section(
                 "Merge methods (ranked)",
                 (method_table(results),),
-                (lambda: plots.merge_bars(merge),),
+                (partial(plots.merge_bars, results["merge"]),),
                 ("Mean normalized accuracy (merged EM / expert EM, averaged over skills); dashed: the experts.",),
             )
         )
+    skills = _skills(results)
     table = models_table(results)
     if table:
-        skills = _skills(results)
-        kinds = [(k, m) for k, m in (results.get("experts") or {}).items() if isinstance(m, dict) and m]
+        kinds = [(k, m) for k, m in _obj(results.get("experts")).items() if isinstance(m, dict) and m]
         out.append(
             Section(
                 "Base and experts",
                 (table,),
-                tuple((lambda k=k, m=m: plots.interference_heatmap(k, m, skills)) for k, m in kinds),
+                tuple(partial(plots.interference_heatmap, k, m, skills) for k, m in kinds),
                 tuple(f"Interference matrix of the {k} experts: expert (row) on skill (column)." for k, _ in kinds),
             )
         )
-    for title, key, make, plot, caption in (
-        ("λ sweep", "lambda_sweep", sweep_table, plots.lambda_sweep, "Mean normalized accuracy vs λ."),
-        ("Compression", "compress", compress_table, plots.compression_curve, "Retained accuracy vs budget (log x)."),
-        ("Transfer", "transfer", transfer_table, plots.transfer_bars, "Gap closed per skill and transfer method."),
-    ):
-        table = make(results)
-        if table:
-            data = results[key]
-            out.append(Section(title, (table,), ((lambda p=plot, d=data: p(d)),), (caption,)))
+    table = sweep_table(results)
+    if table:
+        figure = partial(plots.lambda_sweep, results["lambda_sweep"])
+        out.append(Section("λ sweep", (table,), (figure,), ("Mean normalized accuracy vs λ.",)))
+    table = compress_table(results)
+    if table:
+        figure = partial(plots.compression_curve, results["compress"])
+        out.append(Section("Compression", (table,), (figure,), ("Retained accuracy vs pack budget (log x).",)))
+    table = transfer_table(results)
+    if table:
+        figure = partial(plots.transfer_bars, results["transfer"], skills)
+        out.append(Section("Transfer", (table,), (figure,), ("Gap closed per skill and transfer method.",)))
     table = speed_table(results)
     if table:
         out.append(Section("Transfer speed", (table,)))
@@ -372,7 +385,7 @@ def _md_table(table: Table) -> str:
     return "\n".join(lines)
 
 
-def _meta_lines(results: dict[str, Any]) -> list[str]:
+def _meta_lines(results: dict[str, Any], markdown: bool = False) -> list[str]:
     meta = [f"{k} {results[k]}" for k in ("profile", "created") if isinstance(results.get(k), (str, int, float))] + [
         f"version {results.get('version', SUPPORTED_VERSION)}"
     ]
@@ -382,14 +395,15 @@ def _meta_lines(results: dict[str, Any]) -> list[str]:
     if results.get("machine"):
         lines.append(f"machine: {results['machine']}")
     if results.get("command"):
-        lines.append(f"command: {results['command']}")
+        command = str(results["command"])
+        lines.append(f"command: `{command}`" if markdown and "`" not in command else f"command: {command}")
     return lines
 
 
 def render_markdown(results: dict[str, Any]) -> str:
     """The report's tables as GitHub-flavoured Markdown (no figures)."""
     validate_results(results)
-    parts = ["# skillgraft study report", "", *(f"{line}  " for line in _meta_lines(results))]
+    parts = ["# skillgraft study report", "", *(f"{line}  " for line in _meta_lines(results, markdown=True))]
     body = sections(results)
     for sec in body:
         parts += ["", f"## {sec.title}"]

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 _DPI = 100
+# the two ends of the gap (0 and 1 by definition): drawn as lines, not bars
+_TRANSFER_REFERENCES = ("large_base", "large_ft")
 
 
 def _new_figure(width: float, height: float) -> Any:
@@ -149,16 +151,17 @@ def lambda_sweep(rows: list[dict[str, Any]]) -> bytes | None:
     return _png(fig)
 
 
-def transfer_bars(rows: list[dict[str, Any]]) -> bytes | None:
-    """Gap closed (between the large base and the large fine-tune) per skill, one bar per method."""
+def transfer_bars(rows: list[dict[str, Any]], skills: list[str] | None = None) -> bytes | None:
+    """Gap closed (large base = 0, large fine-tune = 1, dashed) per skill, one bar per transfer method."""
     cells: dict[str, dict[str, float]] = {}
     for r in rows:
-        gap = _num(r.get("gap_closed"))
-        if gap is not None:
-            cells.setdefault(str(r.get("method", "?")), {})[str(r.get("skill", "?"))] = gap
+        gap, method = _num(r.get("gap_closed")), str(r.get("method", "?"))
+        if gap is not None and method not in _TRANSFER_REFERENCES:
+            cells.setdefault(method, {})[str(r.get("skill", "?"))] = gap
     if not cells:
         return None
-    skills = sorted({s for d in cells.values() for s in d})
+    present = {s for d in cells.values() for s in d}
+    skills = [s for s in skills or [] if s in present] + sorted(present - set(skills or []))
     methods = sorted(cells)
     width = 0.8 / len(methods)
     fig = _new_figure(max(5.0, 1.2 + 0.35 * len(skills) * len(methods)), 3.8)
@@ -166,12 +169,12 @@ def transfer_bars(rows: list[dict[str, Any]]) -> bytes | None:
     for k, method in enumerate(methods):
         xs = [i + (k - (len(methods) - 1) / 2) * width for i in range(len(skills))]
         ax.bar(xs, [cells[method].get(s, math.nan) for s in skills], width=width, label=method)
-    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="large fine-tune (1.0)")
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(skills)), labels=skills)
     ax.set_ylabel("gap closed")
     ax.set_title("Transfer to the large model")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", ncols=min(4, len(methods) + 1), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     return _png(fig)
 
 

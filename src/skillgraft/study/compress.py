@@ -39,12 +39,12 @@ def run_compress_study(spec: CompressStudySpec, progress: ProgressFn = no_progre
     model, tok = load(base_dir)
     res = new_results(manifest, skills, spec.command)
     res["base"] = score(model, tok, manifest, skills, spec.limit)
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="skillgraft-compress-") as tmp:
         for i, s in enumerate(skills):
             progress("compress study", i, len(skills))
             tuned = manifest.model_dir(f"experts/{s}-full")
-            expert_em = None
+            expert_em: float | None = None
             budgets = {*spec.budgets, None}  # dense is always measured: it is the expert itself
             for budget in sorted(budgets, key=lambda b: 2.0 if b is None else b, reverse=True):
                 out = Path(tmp) / "pack.skill"
@@ -79,7 +79,7 @@ def run_compress_study(spec: CompressStudySpec, progress: ProgressFn = no_progre
             for row in rows:
                 if row["skill"] == s:
                     row["expert_em"] = expert_em
-                    row["retained"] = row["em"] / expert_em if expert_em else 0.0
+                    row["retained"] = float(row["em"]) / expert_em if expert_em else 0.0
     progress("compress study", len(skills), len(skills))
     res["compress"] = rows
     return res

@@ -169,10 +169,27 @@ class FusedModel:
         cuts = [text.index(s) for s in stop if s in text]
         return text[: min(cuts)] if cuts else text
 
+    # -- the evaluation harness's protocol (skillgraft.eval.generate dispatches on these names) ----------
+    training = False
+
+    def eval(self) -> FusedModel:
+        return self
+
+    def train(self, mode: bool = True) -> FusedModel:
+        return self
+
+    def harness_generate(self, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...], batch: int) -> list[str]:
+        spec = GenerationSpec(max_new_tokens=max_new_tokens, stop=stop)
+        return [o for i in range(0, len(prompts), batch) for o in self.generate(prompts[i : i + batch], spec)]
+
+    def harness_loglik(self, pairs: list[tuple[str, str]]) -> list[tuple[float, int, bool]]:
+        return self.loglik(pairs, with_greedy=True)  # type: ignore[return-value]
+
     @torch.no_grad()
-    def loglik(self, pairs: list[tuple[str, str]]) -> list[tuple[float, int]]:
-        """Sum of log p(target | prompt) under the fused (renormalised) distribution, and the token count."""
-        results = []
+    def loglik(self, pairs: list[tuple[str, str]], with_greedy: bool = False) -> list[tuple]:
+        """Sum of log p(target | prompt) under the fused (renormalised) distribution, and the token count
+        (and, with ``with_greedy``, whether every target token is the fused argmax)."""
+        results: list[tuple] = []
         for prompt, target in pairs:
             p_ids = self.tok(prompt, add_special_tokens=False).input_ids
             t_ids = self.tok(target, add_special_tokens=False).input_ids
@@ -182,8 +199,10 @@ class FusedModel:
                 per_model[id(m)] = m(input_ids=ids).logits[0, len(p_ids) - 1 : -1].float()
             scores = self._scores(per_model, 0)
             lp = torch.log_softmax(scores, -1)
-            total = float(lp[torch.arange(len(t_ids)), torch.tensor(t_ids)].sum())
-            results.append((total, len(t_ids)))
+            tgt = torch.tensor(t_ids)
+            total = float(lp[torch.arange(len(t_ids)), tgt].sum())
+            greedy = bool((lp.argmax(-1) == tgt).all())
+            results.append((total, len(t_ids), greedy) if with_greedy else (total, len(t_ids)))
         return results
 
 

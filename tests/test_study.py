@@ -1,0 +1,71 @@
+"""Studies and the demo on the quick SkillBench build: the numbers are consistent with their definitions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_merge_study_normalizes_by_the_experts(quick_bench, tmp_path):
+    from skillgraft.eval.report import render_html
+    from skillgraft.study.merge import MergeStudySpec, run_merge_study
+
+    spec = MergeStudySpec(
+        cache=quick_bench.root.parent, methods=("task_arithmetic", "ties"), experts=("full",), lambdas=(0.5,), limit=40
+    )
+    res = run_merge_study(spec)
+    skills = res["skills"]
+    own = {s: res["experts"]["full"][s][s]["em"] for s in skills}
+    assert all(own[s] >= res["base"][s]["em"] + 0.5 for s in skills)  # experts far above the base
+    assert {r["method"] for r in res["merge"]} == {"task_arithmetic", "ties"}
+    for row in res["merge"]:
+        for s in skills:
+            assert row["normalized"][s] == pytest.approx(row["scores"][s]["em"] / own[s])
+        assert row["mean_normalized"] == pytest.approx(sum(row["normalized"].values()) / len(skills))
+    assert len(res["lambda_sweep"]) == 2
+    html = render_html(res)
+    assert html.count("data:image/png;base64,") >= 3
+
+
+def test_compress_study_dense_keeps_everything(quick_bench):
+    from skillgraft.study.compress import CompressStudySpec, run_compress_study
+
+    skill = quick_bench.skills[0]
+    res = run_compress_study(
+        CompressStudySpec(cache=quick_bench.root.parent, skills=(skill,), budgets=(0.05,), limit=40)
+    )
+    rows = {r["budget"]: r for r in res["compress"]}
+    assert rows[None]["retained"] == 1.0 and rows[None]["energy_retained"] == pytest.approx(1.0)
+    assert rows[0.05]["bytes"] <= 0.05 * rows[0.05]["dense_bytes"]
+    assert 0 <= rows[0.05]["energy_retained"] < 1
+
+
+def test_transfer_study_gap_definitions_and_lift(quick_bench):
+    from skillgraft.study.transfer import TransferStudySpec, run_transfer_study
+
+    res = run_transfer_study(TransferStudySpec(cache=quick_bench.root.parent, limit=40, multi=False))
+    rows = res["transfer"]
+    for r in rows:
+        if r["method"] == "large_base":
+            assert r["gap_closed"] in (0.0, None)
+        if r["method"] == "large_ft":
+            assert r["gap_closed"] in (1.0, None)
+    proxy = [r for r in rows if r["method"] == "proxy"]
+    base = {r["skill"]: r["em"] for r in rows if r["method"] == "large_base"}
+    # a small expert lifts the large base on most skills
+    assert sum(r["em"] > base[r["skill"]] + 0.2 for r in proxy) >= len(proxy) - 1
+    assert res["transfer_speed"]["large_tokens_per_s"] > 0
+
+
+def test_demo_end_to_end(quick_bench, tmp_path):
+    from skillgraft.demo import run_demo
+
+    lines: list[str] = []
+    ok = run_demo(tmp_path / "out", cache=quick_bench.root.parent, say=lines.append)
+    assert ok, "\n".join(lines)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["experts"] for r in res["merge"]} == {"full-pack", "lora-pack"}
+    assert (tmp_path / "out" / "report.html").read_text().startswith("<!DOCTYPE html>")
