@@ -215,7 +215,7 @@ def test_full_disk_during_writing(family, tmp_path, capsys, monkeypatch):
 
     def fake_open(path, mode="r", *a, **kw):
         f = real_open(path, mode, *a, **kw)
-        return FullDisk(f) if "w" in mode and str(path).endswith(".data.tmp") else f
+        return FullDisk(f) if "w" in mode and str(path).endswith((".data.tmp", ".safetensors")) else f
 
     monkeypatch.setattr(safetensors_file, "open", fake_open, raising=False)
     rc = main(["merge", str(p), "-o", str(tmp_path / "out")])

@@ -80,3 +80,16 @@ def test_ties_density_one_all_positive_is_the_mean(seed: int, n: int) -> None:
     # mergekit: the weighted mean Σ wᵢΔᵢ / Σ wᵢ
     mk = run("ties", deltas, weights, density=1.0, mode="mergekit")
     torch.testing.assert_close(mk, (weights[:, None, None] * deltas).sum(0) / weights.sum())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3000), st.floats(0.001, 1.0), st.integers(0, 2**31 - 1), st.booleans())
+def test_radix_kth_largest_matches_kthvalue(n, frac, seed, bf16):
+    from skillgraft.merge.steps import kth_largest_abs
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 10 ** float(torch.randint(-6, 2, (1,), generator=g))
+    if bf16:  # many exact ties
+        x = x.bfloat16().float()
+    k = max(1, int(frac * n))
+    assert kth_largest_abs(x, k) == float(torch.kthvalue(x.abs(), n - k + 1).values)

@@ -215,3 +215,62 @@ class SafetensorsWriter:
     def abort(self) -> None:
         self._data.close()
         self._data_path.unlink(missing_ok=True)
+
+
+class PlannedSafetensorsWriter:
+    """Write a safetensors file whose tensors (names, dtypes, shapes, order) are known up front: the header is
+    written first and tensor bytes go straight to their place — one write of the data, no side file.
+
+    The caller owns atomicity (the file lives in a temporary directory that is renamed at the end).
+    """
+
+    def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+        self.path = Path(path)
+        header: dict = {}
+        offset = 0
+        for name, dtype, shape in plan:
+            n = dtype.itemsize
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": DTYPE_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        header["__metadata__"] = metadata
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)
+        self._order = [name for name, _, _ in plan]
+        self._sizes = {
+            name: e["data_offsets"][1] - e["data_offsets"][0] for name, e in header.items() if name != "__metadata__"
+        }
+        self._next = 0
+        self.nbytes = 0
+        try:
+            self._file = open(self.path, "wb")
+            self._file.write(struct.pack("<Q", len(hb)) + hb)
+        except OSError as e:
+            raise write_error(self.path, e) from e
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            raise ValueError(f"tensor {name!r} written out of the planned order")
+        data = _tensor_bytes(tensor)
+        if len(data) != self._sizes[name]:
+            raise ValueError(f"tensor {name!r} has {len(data)} bytes, the plan says {self._sizes[name]}")
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise write_error(self.path, e) from e
+        self._next += 1
+        self.nbytes += len(data)
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise ValueError(f"{self.path}: {len(self._order) - self._next} planned tensors were not written")
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as e:
+            raise write_error(self.path, e) from e
+
+    def abort(self) -> None:
+        self._file.close()

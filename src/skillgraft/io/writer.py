@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from skillgraft.errors import OutputExistsError
-from skillgraft.io.safetensors_file import SafetensorsWriter
+from skillgraft.io.safetensors_file import PlannedSafetensorsWriter, SafetensorsWriter
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -76,6 +76,7 @@ class CheckpointWriter:
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         copy_from: Path | None = None,
         config_updates: dict | None = None,
+        plan: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         check_output(self.out_dir, overwrite)
@@ -86,8 +87,40 @@ class CheckpointWriter:
         self._shards: list[tuple[str, SafetensorsWriter]] = []
         self._weight_map: dict[str, int] = {}
         self.total_bytes = 0
+        self._planned: list[PlannedSafetensorsWriter] = []
+        self._planned_names: list[str] = []
+        if plan is not None:
+            self._open_planned(plan)
+
+    def _open_planned(self, plan: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+        """With every tensor known up front, shard by size now and write each shard's header first."""
+        groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        size = 0
+        for item in plan:
+            n = item[1].itemsize
+            for d in item[2]:
+                n *= d
+            if groups[-1] and size + n > self.max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(item)
+            size += n
+        count = len(groups)
+        self._planned_names = self._shard_names(count)
+        for i, group in enumerate(groups):
+            self._planned.append(PlannedSafetensorsWriter(self.tmp / self._planned_names[i], group, {"format": "pt"}))
+            self._weight_map.update({name: i for name, _, _ in group})
+        self._route = {name: i for name, i in self._weight_map.items()}
+
+    @staticmethod
+    def _shard_names(n: int) -> list[str]:
+        return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._planned:
+            self._planned[self._route[name]].add(name, tensor)
+            self.total_bytes += tensor.numel() * tensor.element_size()
+            return
         size = tensor.numel() * tensor.element_size()
         if not self._shards or (
             self._shards[-1][1].nbytes and self._shards[-1][1].nbytes + size > self.max_shard_bytes
@@ -99,17 +132,25 @@ class CheckpointWriter:
         self.total_bytes += size
 
     def _finish(self) -> None:
-        n = len(self._shards)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for (tmpname, w), final in zip(self._shards, names):
-            w.close({"format": "pt"})
-            os.replace(self.tmp / tmpname, self.tmp / final)
-        if n > 1:
+        if self._planned:
+            for pw in self._planned:
+                pw.close()
+            names = self._planned_names
+        else:
+            names = self._shard_names(len(self._shards))
+            for (tmpname, w), final in zip(self._shards, names):
+                w.close({"format": "pt"})
+                os.replace(self.tmp / tmpname, self.tmp / final)
+        if len(names) > 1:
             index = {
                 "metadata": {"total_size": self.total_bytes},
                 "weight_map": {k: names[i] for k, i in sorted(self._weight_map.items())},
             }
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        self._copy_aux()
+        _replace(self.tmp, self.out_dir)
+
+    def _copy_aux(self) -> None:
         if self.copy_from is not None:
             from skillgraft.io.checkpoint import AUX_FILES
 
@@ -121,7 +162,6 @@ class CheckpointWriter:
             data = json.loads(cfg.read_text())
             data.update(self.config_updates)
             cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        _replace(self.tmp, self.out_dir)
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -133,5 +173,7 @@ class CheckpointWriter:
         finally:
             for _, w in self._shards:
                 w.abort() if not w._data.closed else None
+            for pw in self._planned:
+                pw.abort()
             if self.tmp.exists():
                 shutil.rmtree(self.tmp, ignore_errors=True)

@@ -24,7 +24,8 @@ class HFOutput:
         updates = (
             {"torch_dtype": plan.config.out_dtype, "dtype": plan.config.out_dtype} if plan.config.out_dtype else {}
         )
-        self.writer = CheckpointWriter(opts.out, opts.overwrite, opts.max_shard_bytes, plan.base.path, updates)
+        layout = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
+        self.writer = CheckpointWriter(opts.out, opts.overwrite, opts.max_shard_bytes, plan.base.path, updates, layout)
         self.changed = 0
 
     def add(self, t: Any, base: torch.Tensor, merged: torch.Tensor | None) -> None:

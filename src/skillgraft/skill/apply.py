@@ -101,7 +101,8 @@ def apply_to_checkpoint(
             check_fit(p, shapes, fp, force)
         touched = 0
         names = ckpt.names()
-        with CheckpointWriter(out, overwrite=overwrite, copy_from=ckpt.path) as writer:
+        layout = [(n, ckpt.dtype(n), ckpt.shape(n)) for n in names]
+        with CheckpointWriter(out, overwrite=overwrite, copy_from=ckpt.path, plan=layout) as writer:
             for i, name in enumerate(names):
                 progress("apply", i, len(names))
                 t = ckpt.get(name)
