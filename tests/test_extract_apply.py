@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import build, leftovers, llama_config, load, logits
 
@@ -155,3 +156,15 @@ def test_sharded_base_and_output(tmp_path):
     assert (tmp_path / "copy" / "model.safetensors.index.json").exists()
     apply_to_checkpoint(tmp_path / "copy", [(res.path, 1.0)], tmp_path / "m")
     assert torch.equal(logits(load(tuned)), logits(load(tmp_path / "m")))
+
+
+def test_omitted_tensors_count_as_energy_lost(llama_pair_bf16, tmp_path):
+    res = _extract(llama_pair_bf16, tmp_path, budget=0.02)
+    assert res.omitted, "a 2% budget on this tiny model omits some matrices"
+    omitted = [t for t in res.tensors if t.name in res.omitted]
+    assert len(omitted) == len(res.omitted) and all(t.retained == 0 and t.nbytes == 0 for t in omitted)
+    total = sum(t.energy for t in res.tensors)
+    kept = sum(t.energy * t.retained for t in res.tensors)
+    by_kind = res.by_kind()
+    assert sum(d["energy"] for d in by_kind.values()) == pytest.approx(total)
+    assert kept / total < 1.0

@@ -253,7 +253,7 @@ def extract(spec: ExtractSpec, progress: ProgressFn = no_progress) -> ExtractRes
         identity = _base_identity(base)
         model_type = base.config.get("model_type")
         with tempfile.TemporaryDirectory(prefix="skillgraft-extract-") as tmp:
-            plan, dense_bytes = _plan(spec, base, tuned, names, Path(tmp), progress)
+            plan, dense_bytes, omit_reports = _plan(spec, base, tuned, names, Path(tmp), progress)
             writer = PackWriter(out, spec.overwrite)
             try:
                 reports = _write(spec, base, tuned, plan, writer, model_type, progress)
@@ -273,6 +273,7 @@ def extract(spec: ExtractSpec, progress: ProgressFn = no_progress) -> ExtractRes
                 writer.abort()
                 raise
     omitted = tuple(n for n, (c, _) in plan.items() if c[0] == "omit")
+    reports = [*reports, *(omit_reports[n] for n in omitted)]  # omitted tensors count as energy lost
     budget_bytes = None if spec.budget is None else int(spec.budget * dense_bytes)
     with_entries = manifest.replace(tensors=writer.entries)
     return ExtractResult(with_entries, out, size, dense_bytes, budget_bytes, tuple(reports), omitted)
@@ -293,6 +294,7 @@ def _plan(spec, base, tuned, names, tmp: Path, progress: ProgressFn):
     plan: dict[str, tuple[tuple[str, int], Path | None]] = {}
     opts: list[Options] = []
     dense_bytes = 0
+    omit_reports: dict[str, TensorReport] = {}  # what an omitted tensor loses: all of its energy
     for i, name in enumerate(names):
         progress("scan" if spec.budget is None else "profile", i, len(names))
         delta = _delta(base, tuned, name)
@@ -308,6 +310,7 @@ def _plan(spec, base, tuned, names, tmp: Path, progress: ProgressFn):
         m, n = (delta.shape[0], delta[0].numel()) if delta.dim() >= 2 else (1, delta.numel())
         uniform = spec.budget * delta.numel() * itemsize / (2 * (m + n))
         cap = min(1024, max(16, math.ceil(8 * uniform)))
+        omit_reports[name] = TensorReport(name, kind, "omit", 0, 0, 1.0, sq_norm(delta))
         o = _options(name, delta, kind, itemsize, cap, spill, spec)
         if kind == "embedding" and base.tied_embeddings:  # a tied embedding is also the output head
             o = Options(o.name, o.encodings, o.levels, o.nbytes, o.err * TIED_EMBEDDING_WEIGHT)
@@ -320,7 +323,7 @@ def _plan(spec, base, tuned, names, tmp: Path, progress: ProgressFn):
         for o, i in zip(opts, picks):
             enc, level, _, _ = o.choice(i)
             plan[o.name] = ((enc, level), plan[o.name][1])
-    return plan, dense_bytes
+    return plan, dense_bytes, omit_reports
 
 
 def _write(spec, base, tuned, plan, writer: PackWriter, model_type, progress: ProgressFn) -> list[TensorReport]:
