@@ -236,15 +236,9 @@ def child_env() -> dict:
 
 
 def _status_kb(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile"):
-                out[key] = int(val.split()[0])
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        pass
-    return out
+    from extract_apply import _status_kb as status_kb  # one /proc sampler for both benchmarks
+
+    return status_kb(pid)
 
 
 def measure(cmd: list[str], label: str, log: Path | None = None) -> dict:
