@@ -87,10 +87,9 @@ def test_tokenizer_roundtrip(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    from skillgraft.bench import build
-
-    return build("quick", tmp_path_factory.mktemp("bench-a"))
+def quick(quick_bench):
+    """The session's one quick build (tests/conftest.py), shared with the study and demo tests."""
+    return quick_bench
 
 
 def _files(root: Path, pattern: str) -> dict[str, bytes]:
