@@ -1,0 +1,75 @@
+"""Fused decoding speed vs the large base alone, interleaved, on SkillBench's full profile.
+
+Usage: .venv/bin/python benchmarks/transfer_speed.py [--cache DIR] [--repeats 3] [--batch 64] [--tokens 16]
+Each round decodes the same prompts with the large base alone and with proxy / EFT / DLF (one expert), all through
+the same FusedModel loop with greedy decoding and no early stop, so tokens/s compare like for like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--skill", default="sort")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/transfer_speed.json"))
+    args = ap.parse_args()
+    from skillgraft.bench.build import build
+    from skillgraft.eval.harness import load_model
+    from skillgraft.transfer.fused import ExpertPair, FusedModel, GenerationSpec
+
+    torch.set_num_threads(2)
+    m = build("full", args.cache)
+    large, tok = load_model(m.model_dir("base-large"))
+    small, _ = load_model(m.model_dir("base"))
+    expert, _ = load_model(m.model_dir(f"experts/{args.skill}-full"))
+    rows = [json.loads(x) for x in m.data_path(args.skill, "test").read_text().splitlines()][: args.batch]
+    prompts = [r["prompt"] for r in rows]
+    runs = {"large": FusedModel(large, tok, [], "proxy")}
+    for method in ("proxy", "eft", "dlf"):
+        runs[method] = FusedModel(large, tok, [ExpertPair(expert, small, 1.0)], method)
+    spec = GenerationSpec(max_new_tokens=args.tokens)
+    eos = tok.eos_token_id  # disabled below: every run decodes exactly the same number of steps
+    tok.eos_token_id = None  # type: ignore[misc]
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    try:
+        for fm in runs.values():  # warm-up
+            fm.generate(prompts[:4], GenerationSpec(max_new_tokens=2))
+        for _ in range(args.repeats):
+            for name, fm in runs.items():
+                t0 = time.perf_counter()
+                fm.generate(prompts, spec)
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        tok.eos_token_id = eos  # type: ignore[misc]
+    tps = {k: len(prompts) * args.tokens / min(v) for k, v in times.items()}
+    res = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python benchmarks/transfer_speed.py "
+        + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
+        "params": {
+            "large": sum(p.numel() for p in large.parameters()),
+            "small": sum(p.numel() for p in small.parameters()),
+        },
+        "batch": len(prompts),
+        "tokens": args.tokens,
+        "seconds": times,
+        "tokens_per_s": tps,
+        "slowdown": {k: tps["large"] / v for k, v in tps.items() if k != "large"},
+    }
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: res[k] for k in ("params", "tokens_per_s", "slowdown")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
