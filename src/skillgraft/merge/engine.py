@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -199,8 +200,9 @@ def _layer(name: str) -> int | None:
 @dataclass
 class _Item:
     plan: TensorPlan
-    base: torch.Tensor
+    base: torch.Tensor  # as stored
     deltas: torch.Tensor | None
+    base32: torch.Tensor | None = None  # fp32 copy, made once per tensor
 
 
 def _read(plan: MergePlan) -> Iterator[_Item]:
@@ -210,10 +212,12 @@ def _read(plan: MergePlan) -> Iterator[_Item]:
         if not t.users:
             yield _Item(t, base, None)
             continue
-        deltas = torch.zeros((n, *t.shape), dtype=torch.float32)
+        base32 = base.float()
+        alloc = torch.empty if len(t.users) == n else torch.zeros  # rows no input writes must be zero
+        deltas = alloc((n, *t.shape), dtype=torch.float32)
         for i in t.users:
-            deltas[i] = plan.sources[i].delta(t.name, base)
-        yield _Item(t, base, deltas)
+            deltas[i] = plan.sources[i].delta(t.name, base32)
+        yield _Item(t, base, deltas, base32)
 
 
 def merge_tensor(plan: MergePlan, item: _Item, thresholds: list[float] | None) -> torch.Tensor:
@@ -228,7 +232,7 @@ def merge_tensor(plan: MergePlan, item: _Item, thresholds: list[float] | None) -
         name=t.name,
         deltas=item.deltas,
         weights=weights,
-        base=item.base.float() if info.needs_base else None,
+        base=item.base32 if info.needs_base else None,
         rng=torch.Generator().manual_seed(tensor_seed(plan.seed, t.name)) if info.randomized else None,
         thresholds=tuple(thresholds) if thresholds else None,
         stats=stats,  # type: ignore[arg-type]
@@ -238,10 +242,19 @@ def merge_tensor(plan: MergePlan, item: _Item, thresholds: list[float] | None) -
     merged = info.fn(job, plan.params)
     if tuple(merged.shape) != t.shape:
         raise AssertionError(f"method {info.name} returned shape {tuple(merged.shape)} for {t.name} {t.shape}")
-    out = item.base.float() + merged
-    if not torch.isfinite(out).all():
+    assert item.base32 is not None
+    out = torch.add(item.base32, merged)
+    if not _finite(out):
         raise NumericError(f"merge produced NaN or Inf in tensor {t.name!r}", hint="check weights and parameters")
     return out
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf, by one min/max reduction (NaN propagates through both) instead of a boolean tensor."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def global_thresholds(plan: MergePlan, density: float, progress: ProgressFn = no_progress) -> list[float]:
