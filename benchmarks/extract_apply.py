@@ -237,6 +237,18 @@ def _status_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def wait_sampling(proc: subprocess.Popen) -> tuple[int, object, dict[str, int]]:
+    """Wait for ``proc``; returns (wait status, rusage, highest /proc memory fields in KiB seen every 50 ms)."""
+    peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            return status, usage, peak
+        for k, v in _status_kb(proc.pid).items():
+            peak[k] = max(peak[k], v)
+        time.sleep(0.05)
+
+
 def run_child(kind: str, args: dict) -> dict:
     """Run one step in a fresh interpreter; returns its result plus wall time and peak memory.
 
@@ -250,14 +262,7 @@ def run_child(kind: str, args: dict) -> dict:
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env)
-    peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        for k, v in _status_kb(proc.pid).items():
-            peak[k] = max(peak[k], v)
-        time.sleep(0.05)
+    status, usage, peak = wait_sampling(proc)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:

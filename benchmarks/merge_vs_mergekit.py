@@ -235,26 +235,15 @@ def child_env() -> dict:
             "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
-def _status_kb(pid: int) -> dict[str, int]:
-    from extract_apply import _status_kb as status_kb  # one /proc sampler for both benchmarks
-
-    return status_kb(pid)
-
-
 def measure(cmd: list[str], label: str, log: Path | None = None) -> dict:
     """Run ``cmd``; wall time, CPU time, peak RSS (ru_maxrss) and peak anonymous RSS (sampled every 50 ms)."""
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=child_env(), stdout=out, stderr=subprocess.STDOUT if log else None)
-    peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        for k, v in _status_kb(proc.pid).items():
-            peak[k] = max(peak[k], v)
-        time.sleep(0.05)
+    from extract_apply import wait_sampling
+
+    status, usage, peak = wait_sampling(proc)
     wall = time.perf_counter() - t0
     if log:
         out.close()
