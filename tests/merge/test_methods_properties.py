@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -93,3 +94,24 @@ def test_radix_kth_largest_matches_kthvalue(n, frac, seed, bf16):
         x = x.bfloat16().float()
     k = max(1, int(frac * n))
     assert kth_largest_abs(x, k) == float(torch.kthvalue(x.abs(), n - k + 1).values)
+
+
+@pytest.mark.parametrize("layout", ["random", "sorted", "hidden_from_the_sample", "mostly_zero"])
+@pytest.mark.parametrize("frac", [1e-6, 0.2, 0.5, 0.999])
+def test_kth_largest_on_large_tensors(layout, frac):
+    """Above 2¹⁸ entries a strided sample brackets the answer; layouts that fool the sample fall back to radix."""
+    from skillgraft.merge import steps
+
+    n = 700_001
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(n, generator=g) * 1e-3).bfloat16().float()  # bf16 deltas: large groups of equal magnitudes
+    if layout == "sorted":
+        x = x.sort().values
+    elif layout == "mostly_zero":  # as real bf16 fine-tunes: most entries round to Δ = 0
+        x[torch.rand(n, generator=g) < 0.78] = 0.0
+    elif layout == "hidden_from_the_sample":  # every sampled position (multiples of the stride) holds 0
+        x[:: n // (1 << 16)] = 0.0
+    k = max(1, int(frac * n))
+    expected = float(torch.kthvalue(x.abs(), n - k + 1).values)
+    assert steps.kth_largest_abs(x, k) == expected
+    assert steps._radix_kth_largest_abs(x, k) == expected

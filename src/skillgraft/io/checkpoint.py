@@ -158,14 +158,15 @@ class Checkpoint:
         except KeyError:
             raise NotFoundError(f"{self.path}: no tensor named {name!r}") from None
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor in its stored dtype)."""
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor (a fresh CPU tensor in its stored dtype), or into ``out``, a flat ``uint8`` buffer of
+        at least ``nbytes(name)`` (then a view of it is returned)."""
         if self._pickled is not None:
             if name not in self._pickled:
                 raise NotFoundError(f"{self.path}: no tensor named {name!r}")
             return self._pickled[name].clone()
         self._info(name)
-        return self._files[self._where[name]].get(name)
+        return self._files[self._where[name]].get(name, out)
 
     def chunks(self, name: str) -> Iterator[memoryview | bytes]:
         """The stored bytes of one tensor, in chunks (for hashing without holding the tensor)."""

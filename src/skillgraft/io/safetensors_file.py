@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from skillgraft.errors import FormatError, WriteError
+from skillgraft.io.direct import StreamFile
 
 DTYPE_TO_ST = {
     torch.float64: "F64",
@@ -125,11 +126,16 @@ class MappedFile:
             yield view[:n]
             pos += n
 
-    def get(self, name: str) -> torch.Tensor:
-        """Return tensor ``name`` as a fresh (writable) CPU tensor."""
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Return tensor ``name`` as a fresh (writable) CPU tensor, or read it into the flat ``uint8`` buffer
+        ``out`` (at least the tensor's size) and return a view of that."""
         info = self.tensors[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
+        if out is not None:
+            view = out[: info.nbytes]
+            self._read_into(memoryview(view.numpy()), info.begin)  # type: ignore[arg-type]
+            return view.view(info.dtype).reshape(info.shape)
         buf = bytearray(info.nbytes)
         self._read_into(memoryview(buf), info.begin)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
@@ -219,7 +225,8 @@ class SafetensorsWriter:
 
 class PlannedSafetensorsWriter:
     """Write a safetensors file whose tensors (names, dtypes, shapes, order) are known up front: the header is
-    written first and tensor bytes go straight to their place — one write of the data, no side file.
+    written first and tensor bytes go straight to their place — one write of the data, no side file, through
+    ``O_DIRECT`` where the filesystem allows (:class:`~skillgraft.io.direct.StreamFile`).
 
     The caller owns atomicity (the file lives in a temporary directory that is renamed at the end).
     """
@@ -244,7 +251,7 @@ class PlannedSafetensorsWriter:
         self._next = 0
         self.nbytes = 0
         try:
-            self._file = open(self.path, "wb")
+            self._file = StreamFile(self.path)
             self._file.write(struct.pack("<Q", len(hb)) + hb)
         except OSError as e:
             raise write_error(self.path, e) from e
@@ -252,25 +259,25 @@ class PlannedSafetensorsWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._order) or self._order[self._next] != name:
             raise ValueError(f"tensor {name!r} written out of the planned order")
-        data = _tensor_bytes(tensor)
-        if len(data) != self._sizes[name]:
-            raise ValueError(f"tensor {name!r} has {len(data)} bytes, the plan says {self._sizes[name]}")
+        data = tensor.detach().contiguous().cpu().view(torch.uint8).reshape(-1) if tensor.numel() else None
+        size = 0 if data is None else data.numel()
+        if size != self._sizes[name]:
+            raise ValueError(f"tensor {name!r} has {size} bytes, the plan says {self._sizes[name]}")
         try:
-            self._file.write(data)
+            if data is not None:
+                self._file.write(data)
         except OSError as e:
             raise write_error(self.path, e) from e
         self._next += 1
-        self.nbytes += len(data)
+        self.nbytes += size
 
     def close(self) -> None:
         if self._next != len(self._order):
             raise ValueError(f"{self.path}: {len(self._order) - self._next} planned tensors were not written")
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
             self._file.close()
         except OSError as e:
             raise write_error(self.path, e) from e
 
     def abort(self) -> None:
-        self._file.close()
+        self._file.abort()

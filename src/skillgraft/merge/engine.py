@@ -192,6 +192,11 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+def input_rngs(seed: int, name: str, n: int) -> tuple[torch.Generator, ...]:
+    """One generator per input for tensor ``name``: draws depend on neither tensor order nor slicing."""
+    return tuple(torch.Generator().manual_seed(tensor_seed(seed, f"{name}\0{i}")) for i in range(n))
+
+
 def _layer(name: str) -> int | None:
     m = LAYER_RE.search(name)
     return int(m.group(1)) if m else None
@@ -233,7 +238,7 @@ def merge_tensor(plan: MergePlan, item: _Item, thresholds: list[float] | None) -
         deltas=item.deltas,
         weights=weights,
         base=item.base32 if info.needs_base else None,
-        rng=torch.Generator().manual_seed(tensor_seed(plan.seed, t.name)) if info.randomized else None,
+        rng=input_rngs(plan.seed, t.name, item.deltas.shape[0]) if info.randomized else None,
         thresholds=tuple(thresholds) if thresholds else None,
         stats=stats,  # type: ignore[arg-type]
         layer=_layer(t.name),
@@ -289,6 +294,71 @@ def global_thresholds(plan: MergePlan, density: float, progress: ProgressFn = no
     return out
 
 
+def _sliced(plan: MergePlan, opts: MergeOptions) -> bool:
+    """Chunked methods writing a full checkpoint take the slice path (``merge/slices.py``)."""
+    return opts.out_format == "hf" and plan.method.chunked is not None and not plan.method.stats
+
+
+class _TensorSteps:
+    """Whole tensors: the method sees ``[n, *shape]`` deltas; every output format."""
+
+    depth = 2
+
+    def __init__(self, plan: MergePlan, thresholds: list[float] | None, out: Any) -> None:
+        self.plan, self.thresholds, self.sink = plan, thresholds, out.add
+
+    def read(self) -> Iterator[_Item]:
+        return _read(self.plan)
+
+    def merge(self, item: _Item, writer: Any) -> int:
+        result = None if item.deltas is None else merge_tensor(self.plan, item, self.thresholds)
+        writer.put(item.plan, item.base, result)
+        return result is not None
+
+    def close(self) -> None:
+        pass
+
+
+class _SliceSteps:
+    """Slice by slice into reused buffers (see ``merge/slices.py``)."""
+
+    depth = 1
+
+    def __init__(self, plan: MergePlan, thresholds: list[float] | None, out: Any) -> None:
+        from skillgraft.merge.slices import SliceMerger, Slots, buffer_sizes
+
+        self.plan, self.out = plan, out
+        self.merger = SliceMerger(plan, thresholds)
+        self.in_slots = Slots(3, buffer_sizes(plan))
+        self.out_slots = Slots(3, [max((t.out_bytes for t in plan.tensors), default=0)])
+
+    def read(self) -> Iterator[Any]:
+        from skillgraft.merge.slices import read_raw
+
+        return read_raw(self.plan, self.in_slots)
+
+    def merge(self, item: Any, writer: Any) -> int:
+        t = item.plan
+        slot = self.out_slots.take()
+        result = slot[0][: t.out_bytes].view(t.out_dtype)
+        try:
+            self.merger.merge(item, result)
+        finally:
+            self.in_slots.give(item.slot)
+        writer.put(t, result.reshape(t.shape), slot)
+        return bool(t.users)
+
+    def sink(self, t: TensorPlan, result: torch.Tensor, slot: list[torch.Tensor]) -> None:
+        try:
+            self.out.add_final(t, result, changed=bool(t.users))
+        finally:
+            self.out_slots.give(slot)
+
+    def close(self) -> None:
+        self.in_slots.close()
+        self.out_slots.close()
+
+
 @dataclass(frozen=True)
 class MergeResult:
     out: Path
@@ -322,25 +392,26 @@ def run_merge(
 
         plan.stats = compute_stats(plan, progress)
     out = make_output(plan, opts, command)
-    writer = WriteBehind(out.add)
     total = sum(t.out_bytes for t in plan.tensors)
+    step = _SliceSteps(plan, thresholds, out) if _sliced(plan, opts) else _TensorSteps(plan, thresholds, out)
+    writer = WriteBehind(step.sink)
     done_bytes, merged = 0, 0
     try:
-        for item in prefetch(_read(plan)):
-            result = None if item.deltas is None else merge_tensor(plan, item, thresholds)
-            merged += result is not None
-            writer.put(item.plan, item.base, result)
+        for item in prefetch(step.read(), depth=step.depth):
+            merged += step.merge(item, writer)
             done_bytes += item.plan.out_bytes
             progress("merge [bytes]", done_bytes, total)
         writer.close()
         details = out.finish()
     except BaseException:
+        step.close()
         try:
             writer.close()
         except BaseException:
             pass
         out.abort()
         raise
+    step.close()
     read = sum(plan.base.nbytes(t.name) * (1 + len(t.users)) for t in plan.tensors)
     return MergeResult(
         Path(opts.out),

@@ -35,6 +35,11 @@ class HFOutput:
         self.changed += 1
         self.writer.add(t.name, merged.to(t.out_dtype))
 
+    def add_final(self, t: Any, tensor: torch.Tensor, changed: bool) -> None:
+        """Add a tensor already in its output dtype (the slice path)."""
+        self.changed += changed
+        self.writer.add(t.name, tensor)
+
     def finish(self) -> dict:
         self.writer.__exit__(None, None, None)
         return {"format": "hf", "bytes": self.writer.total_bytes}

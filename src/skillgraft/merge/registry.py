@@ -24,7 +24,9 @@ class TensorJob:
 
     ``deltas`` is ``[n_inputs, *shape]`` fp32 (Δᵢ = θᵢ − θ₀); ``weights`` is ``[n_inputs]`` fp32 (the user's
     per-input weights). ``base`` (fp32 θ₀) is given only to methods registered with ``needs_base``; ``rng``
-    only to ``randomized`` ones, seeded from the run's seed and the tensor name (order independent).
+    only to ``randomized`` ones: one generator per input (the engine seeds input i's from the run's seed, the
+    tensor name and i, so draws do not depend on tensor order or chunking), or one generator shared by all
+    inputs, drawn from input by input (mergekit's single stream); see :meth:`rng_for`.
     ``thresholds`` holds per-input magnitude thresholds for whole-model trimming when the engine computed
     them; ``stats`` holds per-input statistics (diagonal Fisher, input Gram matrix) when the method asks.
     ``layer`` is the transformer block index parsed from the name (None for embeddings, final norm, …).
@@ -34,7 +36,7 @@ class TensorJob:
     deltas: torch.Tensor
     weights: torch.Tensor
     base: torch.Tensor | None = None
-    rng: torch.Generator | None = None
+    rng: torch.Generator | tuple[torch.Generator, ...] | None = None
     thresholds: tuple[float, ...] | None = None
     stats: tuple[torch.Tensor, ...] | None = None
     layer: int | None = None
@@ -43,6 +45,42 @@ class TensorJob:
     @property
     def n(self) -> int:
         return int(self.deltas.shape[0])
+
+    def rng_for(self, i: int) -> torch.Generator | None:
+        """The generator input ``i`` draws from."""
+        return self.rng[i] if isinstance(self.rng, tuple) else self.rng
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """How a method merges a tensor slice by slice, so the engine never holds its temporaries whole.
+
+    ``prepare(job, params)`` sees the whole tensor once (``job.deltas`` flattened to ``[n, numel]``) and returns
+    per-tensor quantities (trim thresholds, kept-entry masks, norms) or None; ``apply(job, params, ctx, sl)``
+    merges the flat slice ``sl`` (``job.deltas`` is ``[n, len]``, ``job.base`` the matching slice) and must give,
+    slice by slice in order, exactly what one call over the whole tensor gives. Per-input generators are drawn
+    from in slice order. The method's own function is ``apply`` over one slice holding everything
+    (:func:`whole`), so both paths run the same code.
+    """
+
+    prepare: Callable[[TensorJob, Any], Any] | None
+    apply: Callable[[TensorJob, Any, Any, slice], torch.Tensor]
+    # Whether ``prepare`` reads the deltas for these parameters; when false the engine passes ``[n, 0]`` deltas
+    # (e.g. TIES with whole-model thresholds only needs ``job.thresholds``) and never materialises the tensor.
+    needs_whole: Callable[[Any], bool] = lambda params: True
+
+
+def whole(job: TensorJob, params: Any, chunked: Chunked) -> torch.Tensor:
+    """Run a chunked method over a whole tensor in one slice; returns the merged delta in the tensor's shape."""
+    shape = job.deltas.shape[1:]
+    flat = dataclasses.replace(
+        job,
+        deltas=job.deltas.reshape(job.n, -1),
+        base=None if job.base is None else job.base.reshape(-1),
+    )
+    ctx = chunked.prepare(flat, params) if chunked.prepare else None
+    numel = flat.deltas.shape[1]
+    return chunked.apply(flat, params, ctx, slice(0, numel)).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -62,6 +100,7 @@ class MethodInfo:
     randomized: bool = False
     stats: str | None = None  # "fisher" | "gram" | None
     global_trim: bool = False  # may use engine-computed whole-model thresholds
+    chunked: Chunked | None = None  # the engine may merge slice by slice
     min_inputs: int = 1
     max_inputs: int | None = None
     aliases: tuple[str, ...] = ()
@@ -97,6 +136,7 @@ def merge_method(
     randomized: bool = False,
     stats: str | None = None,
     global_trim: bool = False,
+    chunked: Chunked | None = None,
     min_inputs: int = 1,
     max_inputs: int | None = None,
     aliases: tuple[str, ...] = (),
@@ -107,7 +147,9 @@ def merge_method(
         for key in (name, *aliases):
             if key in REGISTRY or key in _ALIASES:
                 raise RuntimeError(f"merge method name {key!r} registered twice")
-        info = MethodInfo(name, fn, params, needs_base, randomized, stats, global_trim, min_inputs, max_inputs, aliases)
+        info = MethodInfo(
+            name, fn, params, needs_base, randomized, stats, global_trim, chunked, min_inputs, max_inputs, aliases
+        )
         REGISTRY[name] = info
         _ALIASES.update({a: name for a in aliases})
         return fn

@@ -5,6 +5,8 @@ Every step takes fp32 tensors and returns new tensors; randomness comes only fro
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # --- trimming by magnitude ----------------------------------------------------------------------------------------
@@ -15,17 +17,54 @@ def keep_count(density: float, numel: int) -> int:
     return 0 if numel == 0 else min(numel, max(1, int(density * numel)))
 
 
+SLICE = 1 << 20  # entries per slice for streamed reductions: small temporaries that malloc reuses
+
+
 def kth_largest_abs(x: torch.Tensor, k: int) -> float:
-    """The exact k-th largest |x| (1 ≤ k ≤ numel) by radix select on fp32 bit patterns: a histogram of the top
-    16 bits, then of the low 16 bits inside the one bin that holds the answer — O(n), no sort (≈2× faster than
-    ``kthvalue`` here). Non-negative fp32 values order like their int32 bit patterns."""
-    bits = x.detach().abs().reshape(-1).float().view(torch.int32)
-    hi = bits >> 16
-    from_top = torch.cumsum(torch.bincount(hi, minlength=1 << 15).flip(0), 0)
+    """The exact k-th largest |x| (1 ≤ k ≤ numel), streamed in slices, without sorting ``x``.
+
+    A sorted strided sample of 2¹⁶ entries brackets the answer [lo, hi] (± 4 binomial standard deviations);
+    one pass counts |x| > hi and |x| in [lo, hi]; when the bracket is one value (bf16 deltas: often 0 or one ulp)
+    that is the answer, else a second pass collects the candidates, whose own k-th value is exact. Should the
+    bracket miss (rare, adversarial layouts) or hold over 1/8 of the entries, radix select decides: histograms of the top and then the low 16
+    bits of the fp32 patterns (non-negative fp32 values order like their int32 bit patterns).
+    """
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    if n > 1 << 18:
+        step = n // (1 << 16)
+        sample = flat[::step].float().abs().sort(descending=True).values
+        m = sample.numel()
+        margin = 4 * math.sqrt(m * (k / n) * (1 - k / n)) + 8
+        hi = float(sample[max(0, math.floor(k / n * m - margin))])
+        lo = float(sample[min(m - 1, math.ceil(k / n * m + margin))])
+        above = inside = 0
+        for part in flat.split(SLICE):
+            a = part.float().abs()
+            above += int((a > hi).sum())
+            inside += int(((a >= lo) & (a <= hi)).sum())
+        need = k - above
+        if 1 <= need <= inside:
+            if lo == hi:  # one value (bf16 deltas: often 0 or one ulp) holds the k-th rank
+                return hi
+            if inside <= n // 8:
+                got = torch.cat([a[(a >= lo) & (a <= hi)] for a in (p.float().abs() for p in flat.split(SLICE))])
+                return float(torch.kthvalue(got, got.numel() - need + 1).values)
+    return _radix_kth_largest_abs(flat, k)
+
+
+def _radix_kth_largest_abs(flat: torch.Tensor, k: int) -> float:
+    hist = torch.zeros(1 << 15, dtype=torch.int64)
+    for part in flat.split(SLICE):
+        hist += torch.bincount(part.float().abs().view(torch.int32) >> 16, minlength=1 << 15)
+    from_top = torch.cumsum(hist.flip(0), 0)
     i = int(torch.searchsorted(from_top, k))  # first bin (from the top) reaching k entries
     b = (1 << 15) - 1 - i
     above = int(from_top[i - 1]) if i > 0 else 0
-    low = torch.bincount(bits[hi == b] & 0xFFFF, minlength=1 << 16)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for part in flat.split(SLICE):
+        bits = part.float().abs().view(torch.int32)
+        low += torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=1 << 16)
     j = int(torch.searchsorted(torch.cumsum(low.flip(0), 0), k - above))
     v = (b << 16) | ((1 << 16) - 1 - j)
     return float(torch.tensor([v], dtype=torch.int32).view(torch.float32))
@@ -39,9 +78,10 @@ def magnitude_threshold(delta: torch.Tensor, density: float) -> float:
     return kth_largest_abs(delta, k)
 
 
-def trim_by_threshold(delta: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Keep entries with |Δ| ≥ ``threshold`` (ties at the threshold are all kept), zero the rest."""
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+def trim_by_threshold(delta: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """Keep entries with |Δ| ≥ ``threshold`` (ties at the threshold are all kept), zero the rest. A tensor
+    threshold broadcasts (``[n, 1]`` for per-input thresholds of stacked ``[n, len]`` deltas)."""
+    return torch.where(delta.abs() >= threshold, delta, 0.0)
 
 
 def trim_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -58,10 +98,19 @@ def trim_magnitude_exact(delta: torch.Tensor, density: float) -> torch.Tensor:
     """mergekit-compatible trim: exactly k entries, ties broken like ``argsort(|Δ|, descending=True)[:k]``."""
     if density >= 1:
         return delta.clone()
+    return delta * exact_keep_mask(delta, density).reshape_as(delta)
+
+
+def exact_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Flat fp32 0/1 mask of the k = ``keep_count`` entries that ``argsort(|Δ|, descending=True)[:k]`` picks.
+
+    A full sort, as mergekit does: torch's CPU argsort orders equal magnitudes in no reproducible way other
+    than running it, and bf16 deltas have many equal magnitudes, so bit-exact parity needs the sort itself.
+    """
     flat = delta.reshape(-1)
-    mask = torch.zeros_like(flat)
+    mask = torch.zeros_like(flat, dtype=torch.float32)
     mask[torch.argsort(flat.abs().float(), descending=True)[: keep_count(density, flat.numel())]] = 1
-    return delta * mask.reshape_as(delta)
+    return mask
 
 
 def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -89,6 +138,13 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
 def bernoulli_mask(probs: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
     """A 0/1 fp32 mask with P(1) = ``probs`` elementwise, drawn from ``rng``."""
     return torch.bernoulli(probs.float(), generator=rng)
+
+
+def keep_draws(numel: int, density: float, rng: torch.Generator | None) -> torch.Tensor:
+    """A flat 0/1 fp32 mask with P(1) = ``density``: ``rand < density``, the same draws as
+    ``bernoulli(full(density))`` from the same generator state (3× faster), and the same stream whether drawn
+    at once or slice by slice."""
+    return (torch.rand(numel, generator=rng) < density).float()
 
 
 def rescale_inverse_prob(delta: torch.Tensor, mask: torch.Tensor, keep_prob: torch.Tensor | float) -> torch.Tensor:

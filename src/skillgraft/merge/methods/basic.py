@@ -6,11 +6,12 @@ Both are exact, deterministic and order independent; negative weights subtract (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from skillgraft.errors import InputError
-from skillgraft.merge.registry import TensorJob, merge_method
+from skillgraft.merge.registry import Chunked, TensorJob, merge_method, whole
 
 
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -27,7 +28,18 @@ class LinearParams:
             raise InputError(f"linear: normalize must be true or false, not {self.normalize!r}")
 
 
-@merge_method("linear", LinearParams, aliases=("model_soup",))
+def _linear_apply(job: TensorJob, p: LinearParams, ctx: Any, sl: slice) -> torch.Tensor:
+    total = weighted_sum(job.deltas, job.weights)
+    if p.normalize:
+        s = float(job.weights.sum())
+        return total / s if s != 0 else torch.zeros_like(total)
+    return total
+
+
+LINEAR = Chunked(None, _linear_apply)
+
+
+@merge_method("linear", LinearParams, aliases=("model_soup",), chunked=LINEAR)
 def linear(job: TensorJob, p: LinearParams) -> torch.Tensor:
     """Weighted average of the inputs: θ = θ₀ + Σ wᵢΔᵢ / Σ wᵢ (``normalize``, default), else Σ wᵢΔᵢ.
 
@@ -35,11 +47,7 @@ def linear(job: TensorJob, p: LinearParams) -> torch.Tensor:
     Σ wᵢ = 0 the merge is refused by the config validator; here it returns zeros. Compute dtype fp32.
     Reference: Wortsman et al. 2022 (model soups); mergekit ``linear`` (same semantics).
     """
-    total = weighted_sum(job.deltas, job.weights)
-    if p.normalize:
-        s = float(job.weights.sum())
-        return total / s if s != 0 else torch.zeros_like(total)
-    return total
+    return whole(job, p, LINEAR)
 
 
 @dataclass(frozen=True)
@@ -51,11 +59,19 @@ class TaskArithmeticParams:
             raise InputError(f"task_arithmetic: lambda must be a number, not {self.lambda_!r}")
 
 
-@merge_method("task_arithmetic", TaskArithmeticParams)
+def _task_arithmetic_apply(job: TensorJob, p: TaskArithmeticParams, ctx: Any, sl: slice) -> torch.Tensor:
+    total = weighted_sum(job.deltas, job.weights)
+    return total.mul_(p.lambda_) if p.lambda_ != 1 else total
+
+
+TASK_ARITHMETIC = Chunked(None, _task_arithmetic_apply)
+
+
+@merge_method("task_arithmetic", TaskArithmeticParams, chunked=TASK_ARITHMETIC)
 def task_arithmetic(job: TensorJob, p: TaskArithmeticParams) -> torch.Tensor:
     """θ = θ₀ + λ·Σ wᵢΔᵢ (no normalisation). A negative wᵢ removes skill i (task negation).
 
     Default λ = 1 (mergekit's default); FusionBench uses 0.3. Compute dtype fp32.
     Reference: Ilharco et al. 2023, "Editing models with task arithmetic".
     """
-    return p.lambda_ * weighted_sum(job.deltas, job.weights)
+    return whole(job, p, TASK_ARITHMETIC)

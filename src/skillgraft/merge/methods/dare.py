@@ -6,12 +6,13 @@ Each Δᵢ loses entries at random with probability 1 − density; survivors are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from skillgraft.merge import steps
 from skillgraft.merge.methods import family
-from skillgraft.merge.registry import TensorJob, merge_method
+from skillgraft.merge.registry import Chunked, TensorJob, merge_method, whole
 
 
 @dataclass(frozen=True)
@@ -30,42 +31,87 @@ class DareParams:
         family.check_optional_bool("dare", "normalize", self.normalize)
 
 
-def drop_and_rescale(job: TensorJob, density: float, mode: str, rescale: bool) -> torch.Tensor:
-    """DARE per input, in input order from ``job.rng``: keep each entry with probability ``density``; survivors
-    ×1/density (paper) or scaled to keep the L1 norm (mergekit); ``rescale: false`` leaves them as they are."""
+def _dare_prepare(job: TensorJob, p: DareParams) -> Any:
+    """mergekit's L1 rescale needs whole-tensor norms, so its masks are drawn here, once, slice by slice (the
+    same draws as at once), with the norms summed per slice in float64; other modes draw in ``_drop``."""
+    if not _dare_needs_whole(p):
+        return None
+    masks, scales = [], []
+    for i in range(job.n):
+        delta = job.deltas[i].reshape(-1)
+        mask = torch.empty(delta.numel(), dtype=torch.bool)
+        before = after = 0.0
+        start = 0
+        for part in delta.split(steps.SLICE):
+            keep = steps.keep_draws(part.numel(), p.density, job.rng_for(i))
+            mask[start : start + part.numel()] = keep.bool()
+            before += float(part.abs().sum(dtype=torch.float64))
+            after += float((part * keep).abs().sum(dtype=torch.float64))
+            start += part.numel()
+        masks.append(mask)
+        scales.append(None if before < 1e-7 or after < 1e-7 else before / after)
+    return masks, scales
 
-    def one(delta: torch.Tensor, _: int) -> torch.Tensor:
-        if density >= 1:
-            return delta.clone()
-        mask = steps.bernoulli_mask(torch.full_like(delta, density), job.rng)
-        if not rescale:
-            return delta * mask
-        if mode == "mergekit":
-            return steps.rescale_l1(delta, mask)
-        return steps.rescale_inverse_prob(delta, mask, density)
 
-    return family.per_input(job.deltas, one)
+def _drop(job: TensorJob, p: DareParams, ctx: Any, sl: slice) -> torch.Tensor:
+    """DARE on the slice ``sl`` of every Δᵢ, input by input from ``job.rng_for(i)``: keep each entry with
+    probability ``density``; survivors ×1/density (paper) or scaled to keep Δᵢ's L1 norm (mergekit, see
+    ``steps.rescale_l1``); ``rescale: false`` leaves them as they are."""
+    if p.density >= 1:
+        return job.deltas
+    out = []
+    for i in range(job.n):
+        delta = job.deltas[i]
+        if ctx is not None:
+            masks, scales = ctx
+            masked = delta * masks[i][sl]
+            out.append(masked if scales[i] is None else masked * scales[i])  # fp32 × the ratio rounded to fp32
+            continue
+        mask = steps.keep_draws(delta.numel(), p.density, job.rng_for(i))
+        out.append(steps.rescale_inverse_prob(delta, mask, p.density) if p.rescale else delta * mask)
+    return torch.stack(out)
 
 
-@merge_method("dare_linear", DareParams, randomized=True)
+def _linear_apply(job: TensorJob, p: DareParams, ctx: Any, sl: slice) -> torch.Tensor:
+    normalize = bool(p.normalize) if p.normalize is not None else False
+    return family.combine(
+        _drop(job, p, ctx, sl), job.weights, consensus=False, mode=p.mode, normalize=normalize, lambda_=p.lambda_
+    )
+
+
+def _ties_apply(job: TensorJob, p: DareParams, ctx: Any, sl: slice) -> torch.Tensor:
+    normalize = p.normalize if p.normalize is not None else p.mode == "paper"
+    return family.combine(
+        _drop(job, p, ctx, sl), job.weights, consensus=True, mode=p.mode, normalize=normalize, lambda_=p.lambda_
+    )
+
+
+def _dare_needs_whole(p: DareParams) -> bool:
+    return p.density < 1 and p.rescale and p.mode == "mergekit"
+
+
+DARE_LINEAR = Chunked(_dare_prepare, _linear_apply, _dare_needs_whole)
+DARE_TIES = Chunked(_dare_prepare, _ties_apply, _dare_needs_whole)
+
+
+@merge_method("dare_linear", DareParams, randomized=True, chunked=DARE_LINEAR)
 def dare_linear(job: TensorJob, p: DareParams) -> torch.Tensor:
     """DARE + task arithmetic: Δ = λ · Σ wᵢ·DARE(Δᵢ) (÷ Σ wᵢ when ``normalize``; default false in both modes).
 
     DARE(Δ) = m⊙Δ·s with m ~ Bernoulli(density) per entry (``density`` is the *keep* probability, 1 − p) drawn from
-    ``job.rng``. Rescale s: **paper** (Yu et al.; PEFT, FusionBench) 1/density, which keeps E[DARE(Δ)] = Δ;
-    **mergekit** ‖Δ‖₁/‖m⊙Δ‖₁ per tensor (no rescale when either norm < 1e-7). No sign election.
+    ``job.rng`` (per input; slice-invariant). Rescale s: **paper** (Yu et al.; PEFT, FusionBench) 1/density, which keeps E[DARE(Δ)] = Δ;
+    **mergekit** ‖Δ‖₁/‖m⊙Δ‖₁ per tensor (norms summed in float64, so the ratio may differ from mergekit's fp32
+    sums in the last bits; no rescale when either norm < 1e-7). No sign election.
     Defaults density 0.5, λ 1, rescale true. Edge cases: density 1 → task arithmetic, exactly; all-zero deltas → 0;
     one input at weight 1 returns Δ₁ only in expectation (paper) or in L1 norm (mergekit). Randomized: results
     depend on the seed, and on the order of inputs within one tensor (draws are taken input by input).
     Compute dtype fp32. Reference: Yu et al. 2024, "Language Models are Super Mario" (arXiv:2311.03099);
     mergekit ``dare_linear``.
     """
-    dropped = drop_and_rescale(job, p.density, p.mode, p.rescale)
-    normalize = bool(p.normalize) if p.normalize is not None else False
-    return family.combine(dropped, job.weights, consensus=False, mode=p.mode, normalize=normalize, lambda_=p.lambda_)
+    return whole(job, p, DARE_LINEAR)
 
 
-@merge_method("dare_ties", DareParams, randomized=True)
+@merge_method("dare_ties", DareParams, randomized=True, chunked=DARE_TIES)
 def dare_ties(job: TensorJob, p: DareParams) -> torch.Tensor:
     """DARE + TIES sign election: Δ = λ · disjoint_merge(elect_sign(DARE(Δᵢ))); DARE replaces the TIES trim.
 
@@ -77,6 +123,4 @@ def dare_ties(job: TensorJob, p: DareParams) -> torch.Tensor:
     Randomized (see ``dare_linear``). Compute dtype fp32.
     Reference: Yu et al. 2024 (arXiv:2311.03099); mergekit ``dare_ties``.
     """
-    dropped = drop_and_rescale(job, p.density, p.mode, p.rescale)
-    normalize = p.normalize if p.normalize is not None else p.mode == "paper"
-    return family.combine(dropped, job.weights, consensus=True, mode=p.mode, normalize=normalize, lambda_=p.lambda_)
+    return whole(job, p, DARE_TIES)

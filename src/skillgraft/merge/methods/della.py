@@ -41,11 +41,11 @@ def magprune(job: TensorJob, p: DellaParams) -> torch.Tensor:
     """MagPrune every Δᵢ (draws from ``job.rng``, input by input): keep with probability pⱼ from the magnitude rank;
     survivors ÷ pⱼ (paper) or scaled to keep the L1 norm (mergekit); ``rescale: false`` leaves them."""
 
-    def one(delta: torch.Tensor, _: int) -> torch.Tensor:
+    def one(delta: torch.Tensor, i: int) -> torch.Tensor:
         if p.density >= 1:
             return delta.clone()
         probs = steps.della_keep_probs(delta, p.density, p.epsilon)
-        mask = steps.bernoulli_mask(probs, job.rng)
+        mask = steps.bernoulli_mask(probs, job.rng_for(i))
         if not p.rescale:
             return delta * mask
         return steps.rescale_l1(delta, mask) if p.mode == "mergekit" else steps.rescale_inverse_prob(delta, mask, probs)

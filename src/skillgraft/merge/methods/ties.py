@@ -6,13 +6,14 @@ Both trim each Δᵢ by magnitude; ``mode`` picks the paper's or mergekit 0.1.5'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from skillgraft.errors import InputError
 from skillgraft.merge import steps
 from skillgraft.merge.methods import family
-from skillgraft.merge.registry import TensorJob, merge_method
+from skillgraft.merge.registry import Chunked, TensorJob, merge_method, whole
 
 
 @dataclass(frozen=True)
@@ -34,19 +35,60 @@ class TiesParams:
         family.check_optional_bool("ties", "normalize", self.normalize)
 
 
-def trim(job: TensorJob, density: float, mode: str, trim_scope: str = "tensor") -> torch.Tensor:
-    """Trim every Δᵢ to its top-``density`` magnitudes: per tensor (kthvalue or exact argsort) or by whole-model
-    thresholds ``job.thresholds[i]`` (keep |Δᵢ| ≥ tᵢ)."""
+def _threads(fn, items: list) -> list:
+    """Map ``fn`` over ``items`` in threads (torch releases the GIL; sorts and histograms are single-threaded)."""
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(items), 4)) as pool:
+        return list(pool.map(fn, items))
+
+
+def prepare_trim(job: TensorJob, density: float, mode: str, trim_scope: str = "tensor") -> Any:
+    """Per-tensor part of the trim, on flat ``[n, numel]`` deltas: ``("threshold", [tᵢ])`` keeps |Δᵢ| ≥ tᵢ —
+    the k-th largest magnitude per tensor (paper) or the engine's whole-model ``job.thresholds`` (global);
+    ``("mask", M)`` keeps the exactly-k entries ``argsort`` picks (mergekit); None keeps everything."""
     if trim_scope == "global":
         if job.thresholds is None or len(job.thresholds) != job.n:
             raise InputError(f"{job.name}: trim_scope 'global' needs whole-model thresholds from the merge engine")
-        thresholds = job.thresholds
-        return family.per_input(job.deltas, lambda d, i: steps.trim_by_threshold(d, thresholds[i]))
-    one = steps.trim_magnitude_exact if mode == "mergekit" else steps.trim_magnitude
-    return family.per_input(job.deltas, lambda d, i: one(d, density))
+        return ("threshold", _column(job.thresholds))
+    if density >= 1:
+        return None
+    rows = list(job.deltas)
+    if mode == "mergekit":
+        return ("mask", torch.stack(_threads(lambda d: steps.exact_keep_mask(d, density), rows)))
+    return ("threshold", _column(_threads(lambda d: steps.magnitude_threshold(d, density), rows)))
 
 
-@merge_method("ties", TiesParams, global_trim=True)
+def _column(thresholds: Any) -> torch.Tensor:
+    """Per-input thresholds as an ``[n, 1]`` fp32 column that broadcasts over ``[n, len]`` deltas."""
+    return torch.tensor(list(thresholds), dtype=torch.float32).reshape(-1, 1)
+
+
+def apply_trim(job: TensorJob, ctx: Any, sl: slice) -> torch.Tensor:
+    """Trim the slice ``sl`` of every Δᵢ as ``prepare_trim`` decided."""
+    if ctx is None:
+        return job.deltas
+    kind, per_input = ctx
+    if kind == "mask":
+        return job.deltas * per_input[:, sl]
+    return steps.trim_by_threshold(job.deltas, per_input)
+
+
+def _ties_prepare(job: TensorJob, p: TiesParams) -> Any:
+    return prepare_trim(job, p.density, p.mode, p.trim_scope)
+
+
+def _ties_apply(job: TensorJob, p: TiesParams, ctx: Any, sl: slice) -> torch.Tensor:
+    trimmed = apply_trim(job, ctx, sl)
+    return family.combine(trimmed, job.weights, consensus=True, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
+
+
+TIES = Chunked(_ties_prepare, _ties_apply, lambda p: p.trim_scope != "global" and p.density < 1)
+
+
+@merge_method("ties", TiesParams, global_trim=True, chunked=TIES)
 def ties(job: TensorJob, p: TiesParams) -> torch.Tensor:
     """TIES: Δ = λ · disjoint_merge(elect_sign(trim(Δᵢ))).
 
@@ -67,8 +109,7 @@ def ties(job: TensorJob, p: TiesParams) -> torch.Tensor:
     The two modes differ in general: with weights ≠ 1 the elected sign and the divisor change (see the tests).
     Reference: Yadav et al. 2023, "TIES-Merging" (arXiv:2306.01708); mergekit ``ties``.
     """
-    trimmed = trim(job, p.density, p.mode, p.trim_scope)
-    return family.combine(trimmed, job.weights, consensus=True, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
+    return whole(job, p, TIES)
 
 
 @dataclass(frozen=True)
@@ -85,7 +126,15 @@ class MagnitudePruneParams:
         family.check_optional_bool("magnitude_prune", "normalize", self.normalize)
 
 
-@merge_method("magnitude_prune", MagnitudePruneParams)
+def _prune_apply(job: TensorJob, p: MagnitudePruneParams, ctx: Any, sl: slice) -> torch.Tensor:
+    trimmed = apply_trim(job, ctx, sl)
+    return family.combine(trimmed, job.weights, consensus=False, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
+
+
+PRUNE = Chunked(lambda job, p: prepare_trim(job, p.density, p.mode), _prune_apply, lambda p: p.density < 1)
+
+
+@merge_method("magnitude_prune", MagnitudePruneParams, chunked=PRUNE)
 def magnitude_prune(job: TensorJob, p: MagnitudePruneParams) -> torch.Tensor:
     """Magnitude pruning then task arithmetic: Δ = λ · Σ wᵢ·trim(Δᵢ) (÷ Σ wᵢ when ``normalize``). No sign election.
 
@@ -95,5 +144,4 @@ def magnitude_prune(job: TensorJob, p: MagnitudePruneParams) -> torch.Tensor:
     Edge cases: density 1 → task arithmetic; all-zero deltas → 0; one input at weight 1 → trim(Δ₁).
     Compute dtype fp32. Reference: the "trim" step of TIES (Yadav et al. 2023); mergekit ``sparsify.magnitude``.
     """
-    trimmed = trim(job, p.density, p.mode)
-    return family.combine(trimmed, job.weights, consensus=False, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
+    return whole(job, p, PRUNE)
