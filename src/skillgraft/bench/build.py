@@ -45,6 +45,7 @@ class Profile:
     # per-skill multipliers on the steps of every expert stage (hard skills get more, easy ones fewer)
     step_scale: tuple[tuple[str, float], ...] = ()
     lr_scale: tuple[tuple[str, float], ...] = ()  # per-skill multipliers on the peak lr of every expert stage
+    large_step_scale: tuple[tuple[str, float], ...] = ()  # further per-skill step multipliers, large base only
     n_train: int = 3000
     n_val: int = 100
     n_test: int = 200
@@ -55,8 +56,12 @@ class Profile:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def stage_for(self, stage: Stage, skill: str) -> Stage:
-        """``stage`` with its steps and peak lr scaled for ``skill`` (see ``step_scale`` and ``lr_scale``)."""
-        steps = max(1, round(stage.steps * dict(self.step_scale).get(skill, 1.0)))
+        """``stage`` with its steps and peak lr scaled for ``skill`` (see ``step_scale`` and ``lr_scale``; the
+        large base's full fine-tunes also take ``large_step_scale``)."""
+        scale = dict(self.step_scale).get(skill, 1.0)
+        if stage is self.full_large:
+            scale *= dict(self.large_step_scale).get(skill, 1.0)
+        steps = max(1, round(stage.steps * scale))
         return dataclasses.replace(stage, steps=steps, lr=stage.lr * dict(self.lr_scale).get(skill, 1.0))
 
 
@@ -98,7 +103,8 @@ FULL = Profile(
     lora=Stage(steps=300, lr=5e-3),
     full_large=Stage(steps=180, lr=1.5e-3),
     lora_rank=16,
-    step_scale=(("swapcase", 2.2), ("interleave", 1.6), ("count", 0.8)),
+    step_scale=(("swapcase", 2.2), ("interleave", 1.6), ("count", 0.8), ("reverse", 1.5)),
+    large_step_scale=(("caesar", 1.5), ("swapcase", 1.4)),
 )
 
 PROFILES = {p.name: p for p in (QUICK, FULL)}

@@ -168,6 +168,14 @@ class Checkpoint:
         self._info(name)
         return self._files[self._where[name]].get(name, out)
 
+    def map(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` mapped from its file without a copy (see ``MappedFile.map``); pickled checkpoints
+        return a copy."""
+        if self._pickled is not None:
+            return self.get(name)
+        self._info(name)
+        return self._files[self._where[name]].map(name)
+
     def chunks(self, name: str) -> Iterator[memoryview | bytes]:
         """The stored bytes of one tensor, in chunks (for hashing without holding the tensor)."""
         if self._pickled is not None:

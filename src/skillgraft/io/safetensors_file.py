@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -140,8 +141,30 @@ class MappedFile:
         self._read_into(memoryview(buf), info.begin)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
+    def map(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a private copy-on-write mapping of the file: no copy, pages come straight from the
+        page cache (populated up front) and leave the resident set when the tensor is dropped. Used by the merge
+        engine's slice path, where each tensor is read once; the file must not shrink while mapped."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(self._fd, info.end - start, offset=start, access=mmap.ACCESS_COPY)
+        try:
+            mm.madvise(MADV_POPULATE_READ)
+        except (OSError, ValueError):  # kernels before 5.14: pages fault in on first touch instead
+            pass
+        raw = torch.frombuffer(mm, dtype=torch.uint8)[info.begin - start :]
+        try:
+            return raw.view(info.dtype).reshape(info.shape)
+        except RuntimeError:  # an offset not aligned to the element size: read a copy instead
+            return self.get(name)
+
     def close(self) -> None:
         self._file.close()
+
+
+MADV_POPULATE_READ = 22  # linux/mman.h
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -325,26 +325,23 @@ class _SliceSteps:
     depth = 1
 
     def __init__(self, plan: MergePlan, thresholds: list[float] | None, out: Any) -> None:
-        from skillgraft.merge.slices import SliceMerger, Slots, buffer_sizes
+        from skillgraft.merge.slices import SliceMerger, Slots
 
         self.plan, self.out = plan, out
         self.merger = SliceMerger(plan, thresholds)
-        self.in_slots = Slots(3, buffer_sizes(plan))
         self.out_slots = Slots(3, [max((t.out_bytes for t in plan.tensors), default=0)])
 
     def read(self) -> Iterator[Any]:
         from skillgraft.merge.slices import read_raw
 
-        return read_raw(self.plan, self.in_slots)
+        return read_raw(self.plan)
 
     def merge(self, item: Any, writer: Any) -> int:
         t = item.plan
         slot = self.out_slots.take()
         result = slot[0][: t.out_bytes].view(t.out_dtype)
-        try:
-            self.merger.merge(item, result)
-        finally:
-            self.in_slots.give(item.slot)
+        self.merger.merge(item, result)
+        item.inputs.clear()  # unmap the inputs now
         writer.put(t, result.reshape(t.shape), slot)
         return bool(t.users)
 
@@ -355,7 +352,6 @@ class _SliceSteps:
             self.out_slots.give(slot)
 
     def close(self) -> None:
-        self.in_slots.close()
         self.out_slots.close()
 
 

@@ -62,39 +62,22 @@ class Slots:
 @dataclass
 class RawItem:
     plan: object  # TensorPlan
-    slot: list[torch.Tensor]
-    base: torch.Tensor  # stored dtype, a view of slot[0]
+    base: torch.Tensor  # stored dtype, mapped from the file
     inputs: dict[int, tuple[torch.Tensor, bool]]  # input index -> (tensor, is_raw_checkpoint_tensor)
 
 
-def buffer_sizes(plan) -> list[int]:  # noqa: ANN001
-    """Per slot: the largest base tensor, then per input the largest tensor it is read as (raw checkpoints)."""
-    sizes = [max((plan.base.nbytes(t.name) for t in plan.tensors), default=0)]
-    for src in plan.sources:
-        if isinstance(src, CheckpointSource):
-            sizes.append(max((src.ckpt.nbytes(t.name) for t in plan.tensors), default=0))
-        else:
-            sizes.append(0)
-    return sizes
-
-
-def read_raw(plan, slots: Slots) -> Iterator[RawItem]:  # noqa: ANN001
-    """Read each tensor's base and inputs into a free slot (in the read-ahead thread)."""
+def read_raw(plan) -> Iterator[RawItem]:  # noqa: ANN001
+    """Map each tensor's base and checkpoint inputs (no copy); other inputs give their Δ (read-ahead thread)."""
     for t in plan.tensors:
-        slot = slots.take()
-        try:
-            base = plan.base.get(t.name, out=slot[0])
-            inputs: dict[int, tuple[torch.Tensor, bool]] = {}
-            for i in t.users:
-                src = plan.sources[i]
-                if isinstance(src, CheckpointSource):
-                    inputs[i] = (src.ckpt.get(t.name, out=slot[i + 1]), True)
-                else:
-                    inputs[i] = (src.delta(t.name, base).float(), False)
-        except BaseException:
-            slots.give(slot)
-            raise
-        yield RawItem(t, slot, base, inputs)
+        base = plan.base.map(t.name)
+        inputs: dict[int, tuple[torch.Tensor, bool]] = {}
+        for i in t.users:
+            src = plan.sources[i]
+            if isinstance(src, CheckpointSource):
+                inputs[i] = (src.ckpt.map(t.name), True)
+            else:
+                inputs[i] = (src.delta(t.name, base).float(), False)
+        yield RawItem(t, base, inputs)
 
 
 class SliceMerger:
@@ -123,10 +106,9 @@ class SliceMerger:
                 d[i].zero_()
                 continue
             x, raw = item.inputs[i]
+            d[i].copy_(x.reshape(-1)[sl])  # widens to fp32 (faster than one mixed-dtype sub here)
             if raw:
-                torch.sub(x.reshape(-1)[sl], b32, out=d[i])  # widens to fp32 in the same pass
-            else:
-                d[i].copy_(x.reshape(-1)[sl])
+                d[i].sub_(b32)
 
     def merge(self, item: RawItem, out: torch.Tensor) -> None:
         """Merge ``item`` into ``out`` (flat, the output dtype)."""

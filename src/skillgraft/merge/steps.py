@@ -102,14 +102,14 @@ def trim_magnitude_exact(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def exact_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Flat fp32 0/1 mask of the k = ``keep_count`` entries that ``argsort(|Δ|, descending=True)[:k]`` picks.
+    """Flat boolean mask of the k = ``keep_count`` entries that ``argsort(|Δ|, descending=True)[:k]`` picks.
 
     A full sort, as mergekit does: torch's CPU argsort orders equal magnitudes in no reproducible way other
     than running it, and bf16 deltas have many equal magnitudes, so bit-exact parity needs the sort itself.
     """
     flat = delta.reshape(-1)
-    mask = torch.zeros_like(flat, dtype=torch.float32)
-    mask[torch.argsort(flat.abs().float(), descending=True)[: keep_count(density, flat.numel())]] = 1
+    mask = torch.zeros(flat.shape, dtype=torch.bool)
+    mask[torch.argsort(flat.abs().float(), descending=True)[: keep_count(density, flat.numel())]] = True
     return mask
 
 

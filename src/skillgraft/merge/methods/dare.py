@@ -12,6 +12,7 @@ import torch
 
 from skillgraft.merge import steps
 from skillgraft.merge.methods import family
+from skillgraft.merge.methods.family import threads
 from skillgraft.merge.registry import Chunked, TensorJob, merge_method, whole
 
 
@@ -33,24 +34,28 @@ class DareParams:
 
 def _dare_prepare(job: TensorJob, p: DareParams) -> Any:
     """mergekit's L1 rescale needs whole-tensor norms, so its masks are drawn here, once, slice by slice (the
-    same draws as at once), with the norms summed per slice in float64; other modes draw in ``_drop``."""
+    same draws as at once), with per-slice fp32 norms summed in float64; other modes draw in ``_drop``."""
     if not _dare_needs_whole(p):
         return None
-    masks, scales = [], []
-    for i in range(job.n):
+
+    def one(i: int) -> tuple[torch.Tensor, float | None]:
         delta = job.deltas[i].reshape(-1)
         mask = torch.empty(delta.numel(), dtype=torch.bool)
         before = after = 0.0
         start = 0
         for part in delta.split(steps.SLICE):
-            keep = steps.keep_draws(part.numel(), p.density, job.rng_for(i))
-            mask[start : start + part.numel()] = keep.bool()
-            before += float(part.abs().sum(dtype=torch.float64))
-            after += float((part * keep).abs().sum(dtype=torch.float64))
+            keep = torch.rand(part.numel(), generator=job.rng_for(i)) < p.density  # = steps.keep_draws, as bool
+            mask[start : start + part.numel()] = keep
+            magnitude = part.abs()
+            before += float(magnitude.sum())  # per-slice fp32 sums, accumulated in float64
+            after += float((magnitude * keep).sum())
             start += part.numel()
-        masks.append(mask)
-        scales.append(None if before < 1e-7 or after < 1e-7 else before / after)
-    return masks, scales
+        return mask, (None if before < 1e-7 or after < 1e-7 else before / after)
+
+    # Inputs with their own generators draw in parallel (the generator is single-threaded); a shared one in order.
+    parallel = isinstance(job.rng, tuple) and len(set(map(id, job.rng))) == job.n
+    results = threads(one, list(range(job.n))) if parallel else [one(i) for i in range(job.n)]
+    return [m for m, _ in results], [s for _, s in results]
 
 
 def _drop(job: TensorJob, p: DareParams, ctx: Any, sl: slice) -> torch.Tensor:
@@ -100,7 +105,7 @@ def dare_linear(job: TensorJob, p: DareParams) -> torch.Tensor:
 
     DARE(Δ) = m⊙Δ·s with m ~ Bernoulli(density) per entry (``density`` is the *keep* probability, 1 − p) drawn from
     ``job.rng`` (per input; slice-invariant). Rescale s: **paper** (Yu et al.; PEFT, FusionBench) 1/density, which keeps E[DARE(Δ)] = Δ;
-    **mergekit** ‖Δ‖₁/‖m⊙Δ‖₁ per tensor (norms summed in float64, so the ratio may differ from mergekit's fp32
+    **mergekit** ‖Δ‖₁/‖m⊙Δ‖₁ per tensor (per-slice fp32 norms summed in float64, so the ratio may differ from mergekit's
     sums in the last bits; no rescale when either norm < 1e-7). No sign election.
     Defaults density 0.5, λ 1, rescale true. Edge cases: density 1 → task arithmetic, exactly; all-zero deltas → 0;
     one input at weight 1 returns Δ₁ only in expectation (paper) or in L1 norm (mergekit). Randomized: results

@@ -70,3 +70,14 @@ def combine(
 def per_input(deltas: torch.Tensor, fn: Any) -> torch.Tensor:
     """Apply a one-tensor step ``fn(Δᵢ, i)`` to each input and stack the results."""
     return torch.stack([fn(deltas[i], i) for i in range(deltas.shape[0])])
+
+
+def threads(fn: Any, items: list) -> list:
+    """Map ``fn`` over ``items`` in threads (torch releases the GIL; sorts, histograms and seeded draws are
+    single-threaded, so per-input work runs side by side)."""
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(items), 4)) as pool:
+        return list(pool.map(fn, items))

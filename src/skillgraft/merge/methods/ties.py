@@ -35,16 +35,6 @@ class TiesParams:
         family.check_optional_bool("ties", "normalize", self.normalize)
 
 
-def _threads(fn, items: list) -> list:
-    """Map ``fn`` over ``items`` in threads (torch releases the GIL; sorts and histograms are single-threaded)."""
-    if len(items) < 2:
-        return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(len(items), 4)) as pool:
-        return list(pool.map(fn, items))
-
-
 def prepare_trim(job: TensorJob, density: float, mode: str, trim_scope: str = "tensor") -> Any:
     """Per-tensor part of the trim, on flat ``[n, numel]`` deltas: ``("threshold", [tᵢ])`` keeps |Δᵢ| ≥ tᵢ —
     the k-th largest magnitude per tensor (paper) or the engine's whole-model ``job.thresholds`` (global);
@@ -57,8 +47,8 @@ def prepare_trim(job: TensorJob, density: float, mode: str, trim_scope: str = "t
         return None
     rows = list(job.deltas)
     if mode == "mergekit":
-        return ("mask", torch.stack(_threads(lambda d: steps.exact_keep_mask(d, density), rows)))
-    return ("threshold", _column(_threads(lambda d: steps.magnitude_threshold(d, density), rows)))
+        return ("mask", torch.stack(family.threads(lambda d: steps.exact_keep_mask(d, density), rows)))
+    return ("threshold", _column(family.threads(lambda d: steps.magnitude_threshold(d, density), rows)))
 
 
 def _column(thresholds: Any) -> torch.Tensor:
