@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,9 @@ from skillgraft.io.direct import aligned_buffer, keep_freed_memory
 from skillgraft.merge.registry import TensorJob
 from skillgraft.merge.sources import CheckpointSource
 from skillgraft.merge.steps import SLICE
+
+
+LANES = 2  # threads that merge slices of one tensor side by side
 
 
 class Closed(Exception):
@@ -95,7 +99,11 @@ class SliceMerger:
         self.whole = self.chunked.prepare is not None and self.chunked.needs_whole(self.params)
         numel_max = max((_numel(t.shape) for t in plan.tensors if t.users), default=0)
         self._whole_mm, self._whole = aligned_buffer(4 * self.n * numel_max if self.whole else 0)
-        self._work = torch.empty((self.n, SLICE), dtype=torch.float32)
+        # Deterministic methods merge slices on LANES threads (torch kernels release the GIL); methods that
+        # draw per slice stay on one, in order, so their draws do not depend on scheduling.
+        self.lanes = 1 if plan.method.randomized else LANES
+        self._work = [torch.empty((self.n, SLICE), dtype=torch.float32) for _ in range(LANES)]
+        self._pool = ThreadPoolExecutor(LANES) if LANES > 1 else None
         keep_freed_memory()
         self._layer, self._rngs = _layer, input_rngs
 
@@ -128,24 +136,47 @@ class SliceMerger:
         whole = None
         if self.whole:
             whole = self._whole[: 4 * self.n * numel].view(torch.float32).view(self.n, numel)
-            for sl in slices:
-                self._fill(whole[:, sl], item, base[sl].float(), sl)
+
+            def fill(lane: list[slice], _: torch.Tensor) -> None:
+                for sl in lane:
+                    self._fill(whole[:, sl], item, base[sl].float(), sl)
+
+            self._lanes(fill, slices, parallel=True)
         if self.chunked.prepare is not None:
             deltas = whole if whole is not None else torch.empty((self.n, 0))
             ctx = self.chunked.prepare(TensorJob(deltas=deltas, **common), self.params)  # type: ignore[arg-type]
-        for sl in slices:
-            b32 = base[sl].float()
-            if whole is not None:
-                d = whole[:, sl]
-            else:
-                d = self._work[:, : sl.stop - sl.start]
-                self._fill(d, item, b32, sl)
-            job = TensorJob(deltas=d, base=b32 if self.info.needs_base else None, **common)  # type: ignore[arg-type]
-            merged = b32.add_(self.chunked.apply(job, self.params, ctx, sl))
-            lo, hi = torch.aminmax(merged)
-            if not (torch.isfinite(lo) and torch.isfinite(hi)):
-                raise NumericError(f"merge produced NaN or Inf in tensor {t.name!r}", hint="check weights and parameters")
-            out[sl].copy_(merged)
+
+        def run(lane: list[slice], work: torch.Tensor) -> None:
+            for sl in lane:
+                b32 = base[sl].float()
+                if whole is not None:
+                    d = whole[:, sl]
+                else:
+                    d = work[:, : sl.stop - sl.start]
+                    self._fill(d, item, b32, sl)
+                job = TensorJob(deltas=d, base=b32 if self.info.needs_base else None, **common)  # type: ignore[arg-type]
+                merged = b32.add_(self.chunked.apply(job, self.params, ctx, sl))
+                lo, hi = torch.aminmax(merged)
+                if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                    raise NumericError(
+                        f"merge produced NaN or Inf in tensor {t.name!r}", hint="check weights and parameters"
+                    )
+                out[sl].copy_(merged)
+
+        self._lanes(run, slices, parallel=self.lanes > 1)
+
+    def _lanes(self, fn, slices: list[slice], parallel: bool) -> None:  # noqa: ANN001
+        """``fn(lane_slices, work_buffer)`` over every slice: split across the lanes, or in order on one."""
+        if self._pool is None or not parallel or len(slices) < 2:
+            fn(slices, self._work[0])
+            return
+        futures = [self._pool.submit(fn, slices[k :: self.lanes], self._work[k]) for k in range(self.lanes)]
+        for f in futures:
+            f.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

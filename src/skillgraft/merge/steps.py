@@ -38,11 +38,12 @@ def kth_largest_abs(x: torch.Tensor, k: int) -> float:
         margin = 4 * math.sqrt(m * (k / n) * (1 - k / n)) + 8
         hi = float(sample[max(0, math.floor(k / n * m - margin))])
         lo = float(sample[min(m - 1, math.ceil(k / n * m + margin))])
-        above = inside = 0
+        above = at_least_lo = 0
         for part in flat.split(SLICE):
             a = part.float().abs()
             above += int((a > hi).sum())
-            inside += int(((a >= lo) & (a <= hi)).sum())
+            at_least_lo += int((a >= lo).sum())
+        inside = at_least_lo - above  # entries in [lo, hi]
         need = k - above
         if 1 <= need <= inside:
             if lo == hi:  # one value (bf16 deltas: often 0 or one ulp) holds the k-th rank
@@ -190,8 +191,8 @@ def elect_sign(deltas: torch.Tensor, weights: torch.Tensor | None = None) -> tor
 
 
 def agreement_mask(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """``[n, *shape]`` 0/1 mask of entries whose sign equals the elected one; zeros never agree."""
-    return (torch.sign(deltas) == sign).to(deltas.dtype)
+    """``[n, *shape]`` 0/1 mask of entries whose sign equals the elected one (Δ·sign > 0); zeros never agree."""
+    return ((deltas * sign) > 0).to(deltas.dtype)
 
 
 def disjoint_merge(
