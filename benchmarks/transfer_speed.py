@@ -1,8 +1,11 @@
 """Fused decoding speed vs the large base alone, interleaved, on SkillBench's full profile.
 
 Usage: .venv/bin/python benchmarks/transfer_speed.py [--cache DIR] [--repeats 3] [--batch 64] [--tokens 16]
+       .venv/bin/python benchmarks/transfer_speed.py --synthetic [--large-hidden 1024 --small-hidden 512 --layers 8]
 Each round decodes the same prompts with the large base alone and with proxy / EFT / DLF (one expert), all through
 the same FusedModel loop with greedy decoding and no early stop, so tokens/s compare like for like.
+``--synthetic`` times the same loop with randomly initialised Llama models (SkillBench's tokenizer, same prompts)
+big enough that arithmetic, not per-call overhead, dominates: the weights do not change the cost of a step.
 """
 
 from __future__ import annotations
@@ -22,8 +25,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--skill", default="sort")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/transfer_speed.json"))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--synthetic", action="store_true", help="random-weight models of the sizes below")
+    ap.add_argument("--large-hidden", type=int, default=1024)
+    ap.add_argument("--small-hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
     args = ap.parse_args()
+    name = "transfer_speed_synthetic.json" if args.synthetic else "transfer_speed.json"
+    args.out = args.out or Path("benchmarks/results") / name
     from skillgraft.bench.build import build
     from skillgraft.eval.harness import load_model
     from skillgraft.transfer.fused import ExpertPair, FusedModel, GenerationSpec
@@ -33,6 +42,8 @@ def main() -> None:
     large, tok = load_model(m.model_dir("base-large"))
     small, _ = load_model(m.model_dir("base"))
     expert, _ = load_model(m.model_dir(f"experts/{args.skill}-full"))
+    if args.synthetic:
+        large, small, expert = _random_models(large.config, args)
     rows = [json.loads(x) for x in m.data_path(args.skill, "test").read_text().splitlines()][: args.batch]
     prompts = [r["prompt"] for r in rows]
     runs = {"large": FusedModel(large, tok, [], "proxy")}
@@ -56,7 +67,11 @@ def main() -> None:
     res = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python benchmarks/transfer_speed.py "
-        + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
+        + " ".join(
+            f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}"
+            for k, v in vars(args).items()
+            if v is not None and v is not False and k != "out"
+        ),
         "params": {
             "large": sum(p.numel() for p in large.parameters()),
             "small": sum(p.numel() for p in small.parameters()),
@@ -67,8 +82,25 @@ def main() -> None:
         "tokens_per_s": tps,
         "slowdown": {k: tps["large"] / v for k, v in tps.items() if k != "large"},
     }
+    if args.synthetic:
+        res["synthetic"] = {"large_hidden": args.large_hidden, "small_hidden": args.small_hidden, "layers": args.layers}
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: res[k] for k in ("params", "tokens_per_s", "slowdown")}, indent=1))
+
+
+def _random_models(like, args):  # noqa: ANN001
+    """Large base, small base and small expert: Llama models with ``like``'s vocabulary, random weights."""
+    from transformers import LlamaForCausalLM
+
+    def make(hidden: int, seed: int):  # noqa: ANN202
+        cfg = like.__class__.from_dict(like.to_dict())
+        cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size = hidden, args.layers, int(hidden * 2.75)
+        cfg.num_attention_heads = cfg.num_key_value_heads = hidden // 64
+        cfg.head_dim = 64
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg).eval()
+
+    return make(args.large_hidden, 0), make(args.small_hidden, 1), make(args.small_hidden, 2)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def prepare_trim(job: TensorJob, density: float, mode: str, trim_scope: str = "t
     if mode == "mergekit":
         exact = lambda d: steps.exact_keep_mask(d, density)  # noqa: E731
         # A sort holds ~16 bytes per entry: side by side only while that stays small (peak memory over speed).
-        masks = family.threads(exact, rows) if job.deltas.numel() <= 1 << 26 else [exact(d) for d in rows]
+        masks = family.threads(exact, rows) if job.deltas.numel() <= 1 << 24 else [exact(d) for d in rows]
         return ("mask", torch.stack(masks))
     return ("threshold", _column(family.threads(lambda d: steps.magnitude_threshold(d, density), rows)))
 
