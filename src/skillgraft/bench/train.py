@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,8 @@ def with_lora(model: torch.nn.Module, rank: int, seed: int) -> Any:
         from skillgraft.errors import UnsupportedError
 
         raise UnsupportedError("building SkillBench's LoRA experts needs peft", hint="pip install peft") from e
+    # peft (0.21) calls a transformers method that transformers 5 deprecates, once per training step.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     torch.manual_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
     return get_peft_model(model, cfg)

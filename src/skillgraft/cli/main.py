@@ -59,6 +59,9 @@ def _register() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (never raises for user errors)."""
     _register()
+    # Our own progress bars cover loading; transformers' per-checkpoint "Loading weights" bars (which follow
+    # huggingface_hub's switch, read when transformers is first imported) would repeat for every model.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = list(sys.argv[1:] if argv is None else argv)
     State.quiet = State.debug = False
     try:
