@@ -270,13 +270,19 @@ class _Builder:
             self.tok = make_tokenizer()
             self.tok.save_pretrained(self.root / "tokenizer")
             manifest_data = self._write_data()
-            base = self._pretrain("base", self.prof.base, self.prof.pretrain)
-            for s in self.prof.skills:
-                self._finetune(base, s, "experts", self.prof.full, "base")
-                self._finetune_lora(base, s)
-            large = self._pretrain("base-large", self.prof.large, self.prof.pretrain_large)
-            for s in self.prof.skills:
-                self._finetune(large, s, "experts-large", self.prof.full_large, "base-large")
+            # The larger base and its experts train in a second process meanwhile (one process keeps only
+            # ~1.3 of 2 cores busy on these tiny models); same seeds and thread count, so the same weights.
+            large = _LargeBranch(self.prof, self.root)
+            try:
+                base = self._pretrain("base", self.prof.base, self.prof.pretrain)
+                for s in self.prof.skills:
+                    self._finetune(base, s, "experts", self.prof.full, "base")
+                    self._finetune_lora(base, s)
+                models, accuracy = large.result(self._report)
+            finally:
+                large.close()
+            self.models.update(models)
+            self.accuracy.update(accuracy)
         import peft
         import torch
         import transformers
@@ -300,11 +306,19 @@ class _Builder:
         (self.root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     # -- data ---------------------------------------------------------------------------------------
-    def _write_data(self) -> dict[str, Any]:
-        p, out_skills, out_comp = self.prof, {}, {}
+    def _make_data(self) -> None:
+        """Every skill's splits and the pretraining mixture, in memory (deterministic from the profile)."""
+        p = self.prof
         sizes = {"train": p.n_train, "val": p.n_val, "test": p.n_test}
         for s in p.skills:
             self.data[s] = {split: sk.examples(s, split, n, p.seed) for split, n in sizes.items()}
+        self.mixture = [r for g in sk.GENERIC for r in sk.examples(g, "train", p.n_mix, p.seed)]
+
+    def _write_data(self) -> dict[str, Any]:
+        p, out_skills, out_comp = self.prof, {}, {}
+        sizes = {"train": p.n_train, "val": p.n_val, "test": p.n_test}
+        self._make_data()
+        for s in p.skills:
             for split, rows in self.data[s].items():
                 _write_jsonl(self.root / "data" / s / f"{split}.jsonl", rows)
             info = sk.skill(s)
@@ -319,7 +333,6 @@ class _Builder:
                 self.root / "data" / "compositions" / f"{name}.jsonl", sk.composition_examples(f, g, p.n_test, p.seed)
             )
             out_comp[name] = {"skills": [f, g], "path": f"data/compositions/{name}.jsonl"}
-        self.mixture = [r for g in sk.GENERIC for r in sk.examples(g, "train", p.n_mix, p.seed)]
         _write_jsonl(self.root / "data" / "pretrain.jsonl", self.mixture)
         return {"skills": out_skills, "compositions": out_comp, "pretrain_data": "data/pretrain.jsonl"}
 
@@ -327,13 +340,19 @@ class _Builder:
     def _on_step(self, step: int) -> None:
         self.steps_done += 1
         if step % 10 == 0 or self.steps_done == self.total_steps:
-            self.progress("training", self.steps_done, self.total_steps)
+            self._report()
+
+    def _report(self) -> None:
+        """Progress of this process plus the large branch's (shared counters, see ``_LargeBranch``)."""
+        other_steps, other_scores = _LargeBranch.counts()
+        self.progress("training", self.steps_done + other_steps, self.total_steps)
+        self.progress("scoring", self.scores_done + other_scores, self.total_scores)
 
     def _score(self, key: str, model: Any, skill_names: tuple[str, ...]) -> None:
         for s in skill_names:
             self.accuracy.setdefault(key, {})[s] = round(exact_match(model, self.tok, self.data[s]["test"]), 4)
             self.scores_done += 1
-            self.progress("scoring", self.scores_done, self.total_scores)
+            self._report()
 
     def _save(self, key: str, model: Any, info: dict[str, Any]) -> None:
         path = self.root / "models" / key
@@ -377,3 +396,75 @@ class _Builder:
             warnings.filterwarnings("ignore", message="Could not find a config file")
             self._save(key, model, {**info, "loss": round(loss, 4), "train_seconds": round(time.perf_counter() - t, 1)})
         self._score(key, model, (skill,))
+
+
+class _LargeBranch:
+    """Builds the larger base and its full fine-tunes in a spawned process while the caller builds the rest.
+
+    Steps and scores done over there are shared through two counters so one progress bar covers both.
+    """
+
+    _counters: tuple[Any, Any] | None = None  # (steps, scores) in whichever process reads them
+
+    def __init__(self, prof: Profile, root: Path) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        counters = (ctx.Value("i", 0), ctx.Value("i", 0))
+        _LargeBranch._counters = counters
+        # Idle OpenMP threads must sleep, not spin, while two processes share the cores (the child reads this
+        # at start; the CLI and the tests set it for their own process before torch starts).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        self._pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_LargeBranch._init, initargs=counters)
+        self._future = self._pool.submit(_large_branch, prof, str(root))
+
+    @staticmethod
+    def _init(steps: Any, scores: Any) -> None:
+        _LargeBranch._counters = (steps, scores)
+
+    @classmethod
+    def counts(cls) -> tuple[int, int]:
+        if cls._counters is None:
+            return 0, 0
+        return int(cls._counters[0].value), int(cls._counters[1].value)
+
+    @classmethod
+    def bump(cls, which: int) -> None:
+        if cls._counters is not None:
+            with cls._counters[which].get_lock():
+                cls._counters[which].value += 1
+
+    def result(self, report: Any) -> tuple[dict, dict]:
+        """Wait for the branch (reporting progress meanwhile); its errors are raised here."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        while True:
+            try:
+                return self._future.result(timeout=1.0)
+            except FutureTimeout:
+                report()
+
+    def close(self) -> None:
+        self._future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        _LargeBranch._counters = None
+
+
+def _large_branch(prof: Profile, root: str) -> tuple[dict, dict]:
+    """(In the spawned process.) Pretrain the larger base, fine-tune it per skill, save and score them."""
+    from transformers.utils import logging as hf_logging
+
+    from skillgraft.bench.tokenizer import make_tokenizer
+
+    hf_logging.disable_progress_bar()
+    b = _Builder(prof, Path(root), no_progress)
+    b._on_step = lambda step: _LargeBranch.bump(0)  # type: ignore[method-assign]
+    b._report = lambda: _LargeBranch.bump(1)  # type: ignore[method-assign]  (called once per score)
+    with _deterministic_torch():
+        b.tok = make_tokenizer()
+        b._make_data()
+        large = b._pretrain("base-large", prof.large, prof.pretrain_large)
+        for s in prof.skills:
+            b._finetune(large, s, "experts-large", prof.full_large, "base-large")
+    return b.models, b.accuracy

@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     # Our own progress bars cover loading; transformers' per-checkpoint "Loading weights" bars (which follow
     # huggingface_hub's switch, read when transformers is first imported) would repeat for every model.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Idle OpenMP threads sleep instead of spinning: torch's spinning threads collapse throughput when the
+    # cores are shared (other jobs, or SkillBench's two build processes). Read once, before torch starts.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = list(sys.argv[1:] if argv is None else argv)
     State.quiet = State.debug = False
     try:
