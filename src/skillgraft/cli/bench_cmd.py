@@ -18,7 +18,7 @@ bench_app = typer.Typer(
 )
 app.add_typer(bench_app, name="bench")
 
-PROFILE_OPT = typer.Option("quick", "--profile", "-p", help="quick (3 skills, ~1-3 min) or full (8 skills).")
+PROFILE_OPT = typer.Option("quick", "--profile", "-p", help="quick (3 skills, ~1-2 min) or full (8 skills, ~15 min).")
 CACHE_OPT = typer.Option(
     None, "--cache", envvar="SKILLGRAFT_CACHE", help="Cache directory (default: the user cache's skillbench/)."
 )
