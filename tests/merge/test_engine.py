@@ -284,7 +284,10 @@ SLICE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("method,params", SLICE_CASES, ids=[f"{m}-{'-'.join(map(str, p.values()))}" for m, p in SLICE_CASES])
+SLICE_IDS = [f"{m}-{'-'.join(map(str, p.values()))}" for m, p in SLICE_CASES]
+
+
+@pytest.mark.parametrize("method,params", SLICE_CASES, ids=SLICE_IDS)
 def test_slice_path_equals_whole_tensor_path(family, tmp_path, monkeypatch, method, params):
     """The engine's slice-by-slice path (reused buffers, tiny slices here) gives bit-identical output to the
     whole-tensor path, for every chunked method, including per-input random draws."""

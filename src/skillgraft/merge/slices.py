@@ -24,7 +24,6 @@ from skillgraft.merge.registry import TensorJob
 from skillgraft.merge.sources import CheckpointSource
 from skillgraft.merge.steps import SLICE
 
-
 LANES = 2  # threads that merge slices of one tensor side by side
 
 

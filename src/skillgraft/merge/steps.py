@@ -26,8 +26,9 @@ def kth_largest_abs(x: torch.Tensor, k: int) -> float:
     A sorted strided sample of 2¹⁶ entries brackets the answer [lo, hi] (± 4 binomial standard deviations);
     one pass counts |x| > hi and |x| in [lo, hi]; when the bracket is one value (bf16 deltas: often 0 or one ulp)
     that is the answer, else a second pass collects the candidates, whose own k-th value is exact. Should the
-    bracket miss (rare, adversarial layouts) or hold over 1/8 of the entries, radix select decides: histograms of the top and then the low 16
-    bits of the fp32 patterns (non-negative fp32 values order like their int32 bit patterns).
+    bracket miss (rare, adversarial layouts) or hold over 1/8 of the entries, radix select decides: histograms
+    of the top and then the low 16 bits of the fp32 patterns (non-negative fp32 values order like their int32
+    bit patterns).
     """
     flat = x.detach().reshape(-1)
     n = flat.numel()

@@ -104,9 +104,10 @@ def dare_linear(job: TensorJob, p: DareParams) -> torch.Tensor:
     """DARE + task arithmetic: Δ = λ · Σ wᵢ·DARE(Δᵢ) (÷ Σ wᵢ when ``normalize``; default false in both modes).
 
     DARE(Δ) = m⊙Δ·s with m ~ Bernoulli(density) per entry (``density`` is the *keep* probability, 1 − p) drawn from
-    ``job.rng`` (per input; slice-invariant). Rescale s: **paper** (Yu et al.; PEFT, FusionBench) 1/density, which keeps E[DARE(Δ)] = Δ;
-    **mergekit** ‖Δ‖₁/‖m⊙Δ‖₁ per tensor (per-slice fp32 norms summed in float64, so the ratio may differ from mergekit's
-    sums in the last bits; no rescale when either norm < 1e-7). No sign election.
+    ``job.rng`` (per input; slice-invariant). Rescale s: **paper** (Yu et al.; PEFT, FusionBench) 1/density,
+    which keeps E[DARE(Δ)] = Δ; **mergekit** ‖Δ‖₁/‖m⊙Δ‖₁ per tensor (per-slice fp32 norms summed in float64, so
+    the ratio may differ from mergekit's sums in the last bits; no rescale when either norm < 1e-7).
+    No sign election.
     Defaults density 0.5, λ 1, rescale true. Edge cases: density 1 → task arithmetic, exactly; all-zero deltas → 0;
     one input at weight 1 returns Δ₁ only in expectation (paper) or in L1 norm (mergekit). Randomized: results
     depend on the seed, and on the order of inputs within one tensor (draws are taken input by input).
