@@ -30,6 +30,13 @@ def test_every_command_has_an_example(argv, capsys):
     assert "Example:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv", [["merge", "x.yaml", "-o", "out", "--no-such"], ["merge"], ["no-such-command"]])
+def test_usage_errors_are_one_message_and_exit_2(argv, capsys):
+    assert main(argv) == 2  # a click usage error, not a traceback
+    err = capsys.readouterr().err
+    assert "Error:" in err and "Traceback" not in err
+
+
 def test_expected_commands_exist():
     names = {" ".join(c) for c in _commands()}
     for cmd in [

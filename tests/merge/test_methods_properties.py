@@ -115,3 +115,38 @@ def test_kth_largest_on_large_tensors(layout, frac):
     expected = float(torch.kthvalue(x.abs(), n - k + 1).values)
     assert steps.kth_largest_abs(x, k) == expected
     assert steps._radix_kth_largest_abs(x, k) == expected
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.5, 0.9, 0.999])
+def test_block_keep_fraction_and_slicing(density: float) -> None:
+    """The engine's counter-based keep draws: P(keep) = density, and any block-aligned slicing (including an
+    odd-length tail) gives the same mask as one call over the whole range."""
+    from skillgraft.merge import steps
+
+    n = 3 * steps.SLICE + 12345  # three full blocks and an odd tail
+    whole = steps.block_keep(7, 0, n, density)
+    assert whole.dtype == torch.uint8 and set(whole.unique().tolist()) <= {0, 1}
+    sd = (density * (1 - density) / n) ** 0.5
+    assert abs(float(whole.float().mean()) - density) < 6 * sd + 1e-6
+    pieces = [steps.block_keep(7, lo, min(lo + steps.SLICE, n), density) for lo in range(0, n, steps.SLICE)]
+    assert torch.equal(torch.cat(pieces), whole)
+    assert torch.equal(steps.block_keep(7, steps.SLICE, n, density), whole[steps.SLICE :])
+    assert not torch.equal(steps.block_keep(8, 0, n, density), whole)  # another seed, other draws
+    with pytest.raises(ValueError, match="multiple"):
+        steps.block_keep(7, 5, n, density)
+
+
+def test_dare_with_per_input_generators_keeps_density() -> None:
+    """With the engine's per-input generators each input draws its own counter-based mask."""
+    deltas = randn(1, 2, 300, 300) + 1e-3
+    rngs = tuple(torch.Generator().manual_seed(s) for s in (11, 12))
+    info = get_method("dare_linear")
+    out = [
+        info.fn(
+            TensorJob("t", deltas[i : i + 1], torch.ones(1), rng=rngs[i : i + 1]), info.make_params({"density": 0.3})
+        )
+        for i in range(2)
+    ]
+    kept = [float((o != 0).float().mean()) for o in out]
+    assert all(abs(k - 0.3) < 0.01 for k in kept)  # 90,000 draws: sd 0.0015
+    assert not torch.equal(out[0] != 0, out[1] != 0)

@@ -86,14 +86,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted: nothing was written under the output name")
         return 130
-    except Exception as e:  # click usage errors carry their own exit codes
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors (unknown option, missing argument) carry their own exit codes
+        if isinstance(e, _click_exceptions()):
             e.show()
             return e.exit_code
         raise
     return 0
+
+
+def _click_exceptions() -> tuple[type, ...]:
+    """click's usage-error base class, and typer's vendored copy of it (typer ≥ 0.2x raises its own)."""
+    import click
+
+    kinds: list[type] = [click.exceptions.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as Vendored
+
+        kinds.append(Vendored)
+    except ImportError:  # older typer uses click itself
+        pass
+    return tuple(kinds)
 
 
 if __name__ == "__main__":  # pragma: no cover

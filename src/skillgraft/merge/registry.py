@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from skillgraft.errors import InputError
+from skillgraft.merge import steps
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,9 @@ class TensorJob:
     ``deltas`` is ``[n_inputs, *shape]`` fp32 (Δᵢ = θᵢ − θ₀); ``weights`` is ``[n_inputs]`` fp32 (the user's
     per-input weights). ``base`` (fp32 θ₀) is given only to methods registered with ``needs_base``; ``rng``
     only to ``randomized`` ones: one generator per input (the engine seeds input i's from the run's seed, the
-    tensor name and i, so draws do not depend on tensor order or chunking), or one generator shared by all
-    inputs, drawn from input by input (mergekit's single stream); see :meth:`rng_for`.
+    tensor name and i; chunked methods draw through :meth:`keep`, counter-based, so draws depend on neither
+    tensor order, slicing nor threads), or one generator shared by all inputs, drawn from input by input
+    (mergekit's single stream); see :meth:`rng_for`.
     ``thresholds`` holds per-input magnitude thresholds for whole-model trimming when the engine computed
     them; ``stats`` holds per-input statistics (diagonal Fisher, input Gram matrix) when the method asks.
     ``layer`` is the transformer block index parsed from the name (None for embeddings, final norm, …).
@@ -49,6 +51,18 @@ class TensorJob:
     def rng_for(self, i: int) -> torch.Generator | None:
         """The generator input ``i`` draws from."""
         return self.rng[i] if isinstance(self.rng, tuple) else self.rng
+
+    def keep(self, i: int, sl: slice, density: float) -> torch.Tensor:
+        """A uint8 0/1 mask, P(1) = ``density``, over the flat entries ``sl`` of input ``i``'s Δ.
+
+        With per-input generators (the engine's) the draws are counter-based (``steps.block_keep`` keyed by
+        the generator's seed): the same for any ``SLICE``-aligned slicing, in any order, on any thread. With one
+        shared generator (or None: torch's global one) the mask is ``rand < density`` from the next entries of
+        that one stream, in call order — mergekit's draws (``bernoulli``) when seeded alike.
+        """
+        if isinstance(self.rng, tuple):
+            return steps.block_keep(self.rng[i].initial_seed(), sl.start, sl.stop, density)
+        return (torch.rand(sl.stop - sl.start, generator=self.rng) < density).view(torch.uint8)
 
 
 @dataclass(frozen=True)

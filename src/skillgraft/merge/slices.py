@@ -98,9 +98,9 @@ class SliceMerger:
         self.whole = self.chunked.prepare is not None and self.chunked.needs_whole(self.params)
         numel_max = max((_numel(t.shape) for t in plan.tensors if t.users), default=0)
         self._whole_mm, self._whole = aligned_buffer(4 * self.n * numel_max if self.whole else 0)
-        # Deterministic methods merge slices on LANES threads (torch kernels release the GIL); methods that
-        # draw per slice stay on one, in order, so their draws do not depend on scheduling.
-        self.lanes = 1 if plan.method.randomized else LANES
+        # Slices merge on LANES threads (torch kernels release the GIL). Randomized methods draw through
+        # ``TensorJob.uniform``, counter-based per slice, so their draws do not depend on scheduling.
+        self.lanes = LANES
         self._work = [torch.empty((self.n, SLICE), dtype=torch.float32) for _ in range(LANES)]
         self._pool = ThreadPoolExecutor(LANES) if LANES > 1 else None
         keep_freed_memory()

@@ -34,22 +34,20 @@ class DareParams:
 
 def _dare_prepare(job: TensorJob, p: DareParams) -> Any:
     """mergekit's L1 rescale needs whole-tensor norms, so its masks are drawn here, once, slice by slice (the
-    same draws as at once), with per-slice fp32 norms summed in float64; other modes draw in ``_drop``."""
+    same draws as ``_drop`` takes), with per-slice fp32 norms summed in float64; other modes draw in ``_drop``."""
     if not _dare_needs_whole(p):
         return None
 
     def one(i: int) -> tuple[torch.Tensor, float | None]:
         delta = job.deltas[i].reshape(-1)
-        mask = torch.empty(delta.numel(), dtype=torch.bool)
+        mask = torch.empty(delta.numel(), dtype=torch.uint8)
         before = after = 0.0
-        start = 0
-        for part in delta.split(steps.SLICE):
-            keep = torch.rand(part.numel(), generator=job.rng_for(i)) < p.density  # = steps.keep_draws, as bool
-            mask[start : start + part.numel()] = keep
-            magnitude = part.abs()
+        for start in range(0, delta.numel(), steps.SLICE):
+            sl = slice(start, min(start + steps.SLICE, delta.numel()))
+            mask[sl] = keep = job.keep(i, sl, p.density)  # the draws _drop takes
+            magnitude = delta[sl].abs()
             before += float(magnitude.sum())  # per-slice fp32 sums, accumulated in float64
-            after += float((magnitude * keep).sum())
-            start += part.numel()
+            after += float(torch.dot(magnitude, keep.to(torch.float32)))
         return mask, (None if before < 1e-7 or after < 1e-7 else before / after)
 
     # Inputs with their own generators draw in parallel (the generator is single-threaded); a shared one in order.
@@ -59,22 +57,24 @@ def _dare_prepare(job: TensorJob, p: DareParams) -> Any:
 
 
 def _drop(job: TensorJob, p: DareParams, ctx: Any, sl: slice) -> torch.Tensor:
-    """DARE on the slice ``sl`` of every Δᵢ, input by input from ``job.rng_for(i)``: keep each entry with
-    probability ``density``; survivors ×1/density (paper) or scaled to keep Δᵢ's L1 norm (mergekit, see
-    ``steps.rescale_l1``); ``rescale: false`` leaves them as they are."""
+    """DARE on the slice ``sl`` of every Δᵢ, input by input from ``job.keep(i, sl, density)``: keep each entry
+    with probability ``density``; survivors ×1/density
+    (paper) or scaled to keep Δᵢ's L1 norm (mergekit, see ``steps.rescale_l1``); ``rescale: false`` leaves
+    them as they are."""
     if p.density >= 1:
         return job.deltas
-    out = []
+    out = torch.empty_like(job.deltas)
     for i in range(job.n):
         delta = job.deltas[i]
         if ctx is not None:
             masks, scales = ctx
-            masked = delta * masks[i][sl]
-            out.append(masked if scales[i] is None else masked * scales[i])  # fp32 × the ratio rounded to fp32
+            masked = torch.mul(delta, masks[i][sl].to(torch.float32), out=out[i])
+            if scales[i] is not None:
+                masked.mul_(scales[i])  # fp32 × the ratio rounded to fp32
             continue
-        mask = steps.keep_draws(delta.numel(), p.density, job.rng_for(i))
-        out.append(steps.rescale_inverse_prob(delta, mask, p.density) if p.rescale else delta * mask)
-    return torch.stack(out)
+        mask = job.keep(i, sl, p.density).to(torch.float32)
+        out[i] = steps.rescale_inverse_prob(delta, mask, p.density) if p.rescale else delta * mask
+    return out
 
 
 def _linear_apply(job: TensorJob, p: DareParams, ctx: Any, sl: slice) -> torch.Tensor:
@@ -103,10 +103,12 @@ DARE_TIES = Chunked(_dare_prepare, _ties_apply, _dare_needs_whole)
 def dare_linear(job: TensorJob, p: DareParams) -> torch.Tensor:
     """DARE + task arithmetic: Δ = λ · Σ wᵢ·DARE(Δᵢ) (÷ Σ wᵢ when ``normalize``; default false in both modes).
 
-    DARE(Δ) = m⊙Δ·s with m ~ Bernoulli(density) per entry (``density`` is the *keep* probability, 1 − p) drawn from
-    ``job.rng`` (per input; slice-invariant). Rescale s: **paper** (Yu et al.; PEFT, FusionBench) 1/density,
-    which keeps E[DARE(Δ)] = Δ; **mergekit** ‖Δ‖₁/‖m⊙Δ‖₁ per tensor (per-slice fp32 norms summed in float64, so
-    the ratio may differ from mergekit's sums in the last bits; no rescale when either norm < 1e-7).
+    DARE(Δ) = m⊙Δ·s with m ~ Bernoulli(density) per entry (``density`` is the *keep* probability, 1 − p) from
+    ``job.keep`` (the engine's: counter-based per input, independent of slicing and threads; one shared
+    generator: ``rand < density`` from its stream, input by input, as mergekit's ``bernoulli``).
+    Rescale s: **paper** (Yu et al.; PEFT, FusionBench) 1/density, which keeps E[DARE(Δ)] = Δ; **mergekit**
+    ‖Δ‖₁/‖m⊙Δ‖₁ per tensor (per-slice fp32 norms summed in float64, so the ratio may differ from mergekit's
+    sums in the last bits; no rescale when either norm < 1e-7).
     No sign election.
     Defaults density 0.5, λ 1, rescale true. Edge cases: density 1 → task arithmetic, exactly; all-zero deltas → 0;
     one input at weight 1 returns Δ₁ only in expectation (paper) or in L1 norm (mergekit). Randomized: results

@@ -55,13 +55,15 @@ def combine(
     Then × λ. A zero divisor counts as 1, so entries nobody keeps merge to 0.
     """
     if consensus:
+        weighted = None
         if mode == "mergekit":  # sign and agreement both on the weighted deltas wᵢΔᵢ
             weighted = deltas * weights.reshape(-1, *([1] * (deltas.dim() - 1)))
             mask = steps.agreement_mask(weighted, steps.elect_sign(weighted))
         else:
             mask = steps.agreement_mask(deltas, steps.elect_sign(deltas))
         divide_by = "weight" if mode == "mergekit" else "count"
-        merged = steps.disjoint_merge(deltas, mask, weights, "mean" if normalize else "sum", divide_by)
+        reduce = "mean" if normalize else "sum"
+        merged = steps.disjoint_merge(deltas, mask, weights, reduce, divide_by, weighted=weighted)
     else:
         merged = steps.weighted_total(deltas, weights, normalize)
     return merged * lambda_ if lambda_ != 1 else merged

@@ -65,7 +65,7 @@ def apply_trim(job: TensorJob, ctx: Any, sl: slice) -> torch.Tensor:
         return job.deltas
     kind, per_input = ctx
     if kind == "mask":
-        return job.deltas * per_input[:, sl]
+        return job.deltas * steps.as01(per_input[:, sl])
     return steps.trim_by_threshold(job.deltas, per_input)
 
 
