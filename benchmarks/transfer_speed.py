@@ -2,8 +2,9 @@
 
 Usage: .venv/bin/python benchmarks/transfer_speed.py [--cache DIR] [--repeats 3] [--batch 64] [--tokens 16]
        .venv/bin/python benchmarks/transfer_speed.py --synthetic [--large-hidden 1024 --small-hidden 512 --layers 8]
-Each round decodes the same prompts with the large base alone and with proxy / EFT / DLF (one expert), all through
-the same FusedModel loop with greedy decoding and no early stop, so tokens/s compare like for like.
+Each round decodes the same prompts with the large base alone and with proxy / EFT / DLF (one expert), and proxy /
+DLF with speculative decoding (``--speculate``: the small models draft K tokens, one large forward verifies), all
+through FusedModel with greedy decoding and no early stop, so tokens/s compare like for like.
 ``--synthetic`` times the same loop with randomly initialised Llama models (SkillBench's tokenizer, same prompts)
 big enough that arithmetic, not per-call overhead, dominates: the weights do not change the cost of a step.
 """
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--large-hidden", type=int, default=1024)
     ap.add_argument("--small-hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--speculate", default="4", help="comma-separated draft lengths for proxy+spec runs ('' = none)")
     args = ap.parse_args()
     name = "transfer_speed_synthetic.json" if args.synthetic else "transfer_speed.json"
     args.out = args.out or Path("benchmarks/results") / name
@@ -49,10 +51,14 @@ def main() -> None:
     runs = {"large": FusedModel(large, tok, [], "proxy")}
     for method in ("proxy", "eft", "dlf"):
         runs[method] = FusedModel(large, tok, [ExpertPair(expert, small, 1.0)], method)
+    for k in [int(x) for x in args.speculate.split(",") if x]:
+        for method in ("proxy", "dlf"):
+            runs[f"{method}+spec{k}"] = FusedModel(large, tok, [ExpertPair(expert, small, 1.0)], method, speculate=k)
     spec = GenerationSpec(max_new_tokens=args.tokens)
     eos = tok.eos_token_id  # disabled below: every run decodes exactly the same number of steps
     tok.eos_token_id = None  # type: ignore[misc]
     times: dict[str, list[float]] = {k: [] for k in runs}
+    drafts: dict[str, float] = {}
     try:
         for fm in runs.values():  # warm-up
             fm.generate(prompts[:4], GenerationSpec(max_new_tokens=2))
@@ -61,6 +67,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fm.generate(prompts, spec)
                 times[name].append(time.perf_counter() - t0)
+                if fm.speculate:  # drafts accepted per row and round (rows decode all tokens: EOS is off)
+                    rounds, accepted = fm.draft_stats
+                    drafts[name] = accepted / (rounds * len(prompts))
     finally:
         tok.eos_token_id = eos  # type: ignore[misc]
     tps = {k: len(prompts) * args.tokens / min(v) for k, v in times.items()}
@@ -81,11 +90,13 @@ def main() -> None:
         "seconds": times,
         "tokens_per_s": tps,
         "slowdown": {k: tps["large"] / v for k, v in tps.items() if k != "large"},
+        "accepted_drafts_per_round": drafts,
     }
     if args.synthetic:
         res["synthetic"] = {"large_hidden": args.large_hidden, "small_hidden": args.small_hidden, "layers": args.layers}
     args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps({k: res[k] for k in ("params", "tokens_per_s", "slowdown")}, indent=1))
+    shown = ("params", "tokens_per_s", "slowdown", "accepted_drafts_per_round")
+    print(json.dumps({k: res[k] for k in shown}, indent=1))
 
 
 def _random_models(like, args):  # noqa: ANN001

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import build, finetune_like, llama_config
 
-from skillgraft.errors import MismatchError
+from skillgraft.errors import InputError, MismatchError
 from skillgraft.transfer import ExpertPair, FusedModel, GenerationSpec
 
 PROMPTS = ["abc>", "ba hd>", "hgfedcb>", "a>"]
@@ -66,6 +66,42 @@ def test_batched_equals_one_by_one(models):
     assert batched == single
 
 
+@pytest.mark.parametrize("method,k", [("proxy", 1), ("proxy", 4), ("eft", 3), ("dlf", 2), ("dlf", 5)])
+def test_speculative_equals_plain_greedy(models, method, k):
+    """Drafting and one-forward verification change how many positions a large forward covers, never the
+    tokens: the output equals the plain loop's, token for token (batched, with a stop string and max tokens)."""
+    tok, large, small, expert = models
+    pairs = [ExpertPair(expert, small, alpha=0.8)]
+    for spec in (GenerationSpec(max_new_tokens=11), GenerationSpec(max_new_tokens=9, stop=("b",))):
+        plain = FusedModel(large, tok, pairs, method=method).generate(PROMPTS, spec)
+        fast = FusedModel(large, tok, pairs, method=method, speculate=k)
+        assert fast.generate(PROMPTS, spec) == plain
+        rounds, accepted = fast.draft_stats  # accepted drafts are summed over rows
+        assert rounds >= 1 and 0 <= accepted <= rounds * k * len(PROMPTS)
+
+
+def test_speculative_accepts_every_draft_when_drafts_are_exact(models):
+    """With the small base standing in for the large model and α = 1, the draft (the expert) is the fused
+    distribution itself, so every row accepts every draft: 12 tokens take ⌈11 / (k + 1)⌉ rounds."""
+    tok, _, small, expert = models
+    eos = tok.eos_token_id
+    tok.eos_token_id = None  # decode all 12 tokens
+    try:
+        fused = FusedModel(small, tok, [ExpertPair(expert, small, alpha=1.0)], method="proxy", speculate=3)
+        out = fused.generate(PROMPTS, GenerationSpec(max_new_tokens=12))
+    finally:
+        tok.eos_token_id = eos
+    assert fused.draft_stats == (3, (3 + 3 + 2) * len(PROMPTS))  # rounds of 4, 4 and 3 tokens after the first
+    assert fused.tokens_generated == 12 * len(PROMPTS) and len(out) == len(PROMPTS)
+
+
+def test_speculative_refuses_sampling(models):
+    tok, large, small, expert = models
+    fused = FusedModel(large, tok, [ExpertPair(expert, small)], method="proxy", speculate=2)
+    with pytest.raises(InputError, match="greedy only"):
+        fused.generate(PROMPTS, GenerationSpec(max_new_tokens=4, temperature=0.7))
+
+
 def test_sampling_is_seeded(models):
     tok, large, small, expert = models
     fused = FusedModel(large, tok, [ExpertPair(expert, small)], method="proxy")
@@ -113,7 +149,8 @@ def test_cli_generate_with_skill_expert(models, tmp_path, capsys):
     extract(ExtractSpec(base=tmp_path / "small", tuned=tmp_path / "expert", out=tmp_path / "e.skill", dense=True))
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS))
     outs = []
-    for e in ("expert", "e.skill"):  # a model directory, or a skill pack applied to the small base in memory
+    # a model directory, or a skill pack applied to the small base in memory; then speculative decoding
+    for e, extra in (("expert", []), ("e.skill", []), ("expert", ["--speculate", "3"])):
         argv = [
             "-q",
             "generate",
@@ -126,10 +163,15 @@ def test_cli_generate_with_skill_expert(models, tmp_path, capsys):
             "--max-new-tokens",
             "6",
             "--json",
+            *extra,
         ]
         assert main(argv) == 0
-        outs.append([r["output"] for r in json.loads(capsys.readouterr().out)["results"]])
-    assert outs[0] == outs[1] == _hf_greedy(expert, tok, PROMPTS, 6)
+        report = json.loads(capsys.readouterr().out)
+        outs.append([r["output"] for r in report["results"]])
+    assert outs[0] == outs[1] == outs[2] == _hf_greedy(expert, tok, PROMPTS, 6)
+    assert report["draft_rounds"] >= 1 and report["drafts_accepted"] >= 1
+    assert main([*argv, "--temperature", "0.5"]) == 2  # argv ends with --speculate 3: refused before loading
+    assert "greedy only" in capsys.readouterr().err
     small = str(tmp_path / "small")
     for bad, text in ((f"nope.skill:{small}", "nope.skill"), (f"{small}:missing-dir", "missing-dir")):
         argv = ["generate", "--base", str(tmp_path / "large"), "--expert", bad, "--prompts", str(tmp_path / "p.jsonl")]

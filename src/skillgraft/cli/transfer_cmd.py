@@ -12,7 +12,7 @@ from rich.table import Table
 from skillgraft.cli.main import app, console
 from skillgraft.cli.render import print_json, progress_bar
 from skillgraft.cli.skill_cmd import LIBRARY_OPT
-from skillgraft.errors import FormatError, NotFoundError
+from skillgraft.errors import FormatError, InputError, NotFoundError
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -44,6 +44,9 @@ def generate(
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(16, "--batch-size"),
     dlf_grid: int = typer.Option(11, "--dlf-grid", help="Candidate α values in [0, 2] per step (dlf)."),
+    speculate: int = typer.Option(
+        0, "--speculate", help="Greedy only: the small models draft K tokens per round, one large forward checks them."
+    ),
     library: Path = LIBRARY_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
@@ -54,16 +57,20 @@ def generate(
     from skillgraft.transfer.fused import GenerationSpec
     from skillgraft.transfer.load import ExpertSpec, TransferSpec, load_fused
 
-    spec = TransferSpec(base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library)
+    if speculate and temperature != 0:
+        raise InputError("--speculate is greedy only", hint="drop --speculate or use --temperature 0")
+    spec = TransferSpec(base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate)
     gen = GenerationSpec(max_new_tokens, temperature, top_p, top_k, tuple(stop), seed)
     texts = read_prompts(prompts)
     fused = load_fused(spec)
     outputs: list[str] = []
+    rounds = accepted = 0  # summed over batches (speculative decoding only)
     start = time.perf_counter()
     with progress_bar() as progress:
         for i in range(0, len(texts), batch_size):
             progress("generate", i, len(texts))
             outputs += fused.generate(texts[i : i + batch_size], gen)
+            rounds, accepted = rounds + fused.draft_stats[0], accepted + fused.draft_stats[1]
         progress("generate", len(texts), len(texts))
     seconds = time.perf_counter() - start
     if as_json:
@@ -71,6 +78,7 @@ def generate(
             {
                 "method": method,
                 "seconds": seconds,
+                **({"draft_rounds": rounds, "drafts_accepted": accepted} if speculate else {}),
                 "results": [{"prompt": p, "output": o} for p, o in zip(texts, outputs)],
             }
         )

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from skillgraft.errors import InputError
+from skillgraft.transfer import speculative
 from skillgraft.transfer.combine import METHODS, combine
 from skillgraft.transfer.vocab import check_shared_vocab
 
@@ -91,11 +92,17 @@ class FusedModel:
         method: str = "proxy",
         dlf_grid: int = 11,
         tokenizers: dict[str, Any] | None = None,
+        speculate: int = 0,
     ) -> None:
         if method not in METHODS:
             raise InputError(f"unknown transfer method {method!r}", hint=f"use one of {', '.join(METHODS)}")
         if not 2 <= dlf_grid <= 201:
             raise InputError("dlf grid size must be in [2, 201]")
+        if not 0 <= speculate <= 32:
+            raise InputError(f"speculate must be 0 (off) to 32 draft tokens, not {speculate}")
+        if speculate and not experts:
+            raise InputError("speculative decoding needs at least one expert to draft", hint="drop --speculate")
+        self.speculate = speculate  # draft tokens per round (0: the plain loop); see transfer/speculative.py
         self.large, self.tok, self.experts, self.method = large, tokenizer, experts, method
         named = [("large", tokenizer), *((k, v) for k, v in (tokenizers or {}).items())]
         self.vocab = check_shared_vocab(named)
@@ -107,6 +114,7 @@ class FusedModel:
             tokenizer.pad_token = tokenizer.eos_token
         self.last_alphas: list[torch.Tensor] = []
         self.tokens_generated = 0  # batch rows × decoding steps of the last generate() call
+        self.draft_stats = (0, 0)  # (rounds, accepted drafts) of the last speculative generate()
 
     def _small_models(self) -> list[Any]:
         """Distinct small models (an expert base shared by several experts runs once per step)."""
@@ -116,13 +124,19 @@ class FusedModel:
                 seen.setdefault(id(m), m)
         return list(seen.values())
 
-    def _scores(self, logits: dict[int, torch.Tensor], step: int) -> torch.Tensor:
+    def _scores(self, logits: dict[int, torch.Tensor], step: int | torch.Tensor) -> torch.Tensor:
+        """Fused scores of one position; ``step`` (the token's index in the output, or one per row) picks
+        each pair's α from its schedule."""
         v = self.vocab
         zl = logits[id(self.large)][:, :v]
         ze = [logits[id(p.expert)][:, :v] for p in self.experts]
         zb = [logits[id(p.base)][:, :v] for p in self.experts]
-        alphas = torch.tensor([[p.alpha_at(step) for p in self.experts]], dtype=torch.float32).reshape(1, -1)
-        alphas = alphas.expand(zl.shape[0], -1)
+        if isinstance(step, int):
+            alphas = torch.tensor([[p.alpha_at(step) for p in self.experts]], dtype=torch.float32).reshape(1, -1)
+            alphas = alphas.expand(zl.shape[0], -1)
+        else:
+            rows = [[p.alpha_at(int(s)) for p in self.experts] for s in step]
+            alphas = torch.tensor(rows, dtype=torch.float32).reshape(zl.shape[0], -1)
         scores, used = combine(self.method, zl, ze, zb, alphas, self.grid)
         self.last_alphas.append(used)
         return scores
@@ -134,6 +148,12 @@ class FusedModel:
         models = [self.large, *self._small_models()]
         streams = {id(m): _Stream(m, mask.clone(), (mask.cumsum(-1) - 1).clamp_min(0)) for m in models}
         logits = {k: _forward(s, ids) for k, s in streams.items()}
+        if self.speculate:
+            if spec.temperature != 0:
+                raise InputError("speculative decoding is greedy only", hint="use temperature 0, or speculate 0")
+            rows, rounds, accepted = speculative.generate(self, streams, logits, spec, self.speculate)
+            self.tokens_generated, self.draft_stats = sum(map(len, rows)), (rounds, accepted)
+            return [self._finish(torch.tensor(row), spec.stop) for row in rows]
         gen = torch.Generator().manual_seed(spec.seed)
         eos = self.tok.eos_token_id
         out = torch.empty(len(prompts), 0, dtype=torch.long)
