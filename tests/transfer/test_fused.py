@@ -207,3 +207,33 @@ def test_eval_with_experts_uses_the_fused_model(models, tmp_path, capsys):
     (d,), (f,) = direct["tasks"].values(), fused["tasks"].values()
     assert [s["prediction"] for s in d["samples"]] == [s["prediction"] for s in f["samples"]]
     assert f["mean_loglik"] == pytest.approx(d["mean_loglik"], abs=1e-3)
+
+
+def test_prompt_gate_is_the_likelihood_gain_posterior(models):
+    """Several experts: each row's gate is softmax over experts of Σ log p_expert − log p_base over its own prompt
+    tokens, left padding excluded (checked against unpadded forwards, one prompt at a time)."""
+    from skillgraft.transfer.combine import prompt_gate
+
+    tok, large, small, expert = models
+    other = build(llama_config(vocab_size=len(tok)), seed=4)
+    fused = FusedModel(large, tok, [ExpertPair(expert, small), ExpertPair(other, small)], method="dlf")
+    assert fused.gate  # on by default for DLF with two experts
+    fused.generate(PROMPTS, GenerationSpec(max_new_tokens=2))
+    got = fused._gate
+    for r, p in enumerate(PROMPTS):
+        ids = torch.tensor([tok(p).input_ids])
+        z = {m: m(input_ids=ids).logits for m in (small, expert, other)}
+        want = prompt_gate(ids, torch.ones_like(ids), [z[expert], z[other]], [z[small], z[small]])[0]
+        torch.testing.assert_close(got[r], want, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(got.sum(1), torch.ones(len(PROMPTS)))
+
+
+def test_gate_keeps_single_expert_results_and_speculation(models):
+    tok, large, small, expert = models
+    one = [ExpertPair(expert, small, alpha=0.8)]
+    spec = GenerationSpec(max_new_tokens=8)
+    plain = FusedModel(large, tok, one, method="dlf").generate(PROMPTS, spec)
+    assert FusedModel(large, tok, one, method="dlf", gate=True).generate(PROMPTS, spec) == plain  # gate ≡ 1
+    two = [ExpertPair(expert, small), ExpertPair(build(llama_config(vocab_size=len(tok)), seed=4), small)]
+    gated = FusedModel(large, tok, two, method="dlf").generate(PROMPTS, spec)
+    assert FusedModel(large, tok, two, method="dlf", speculate=3).generate(PROMPTS, spec) == gated

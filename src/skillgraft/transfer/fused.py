@@ -15,7 +15,7 @@ import torch
 
 from skillgraft.errors import InputError
 from skillgraft.transfer import speculative
-from skillgraft.transfer.combine import METHODS, combine
+from skillgraft.transfer.combine import METHODS, combine, prompt_gate
 from skillgraft.transfer.vocab import check_shared_vocab
 
 
@@ -62,17 +62,18 @@ class _Stream:
     past: Any = None
 
 
-def _forward(s: _Stream, ids: torch.Tensor) -> torch.Tensor:
+def _forward(s: _Stream, ids: torch.Tensor, every: bool = False) -> torch.Tensor:
+    """The last position's fp32 logits (``every``: all positions') after feeding ``ids``."""
     out = s.model(
         input_ids=ids,
         attention_mask=s.mask,
         position_ids=s.pos,
         past_key_values=s.past,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=0 if every else 1,
     )
     s.past = out.past_key_values
-    return out.logits[:, -1].float()
+    return out.logits.float() if every else out.logits[:, -1].float()
 
 
 def _encode(tok: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +94,7 @@ class FusedModel:
         dlf_grid: int = 11,
         tokenizers: dict[str, Any] | None = None,
         speculate: int = 0,
+        gate: bool | None = None,
     ) -> None:
         if method not in METHODS:
             raise InputError(f"unknown transfer method {method!r}", hint=f"use one of {', '.join(METHODS)}")
@@ -103,6 +105,10 @@ class FusedModel:
         if speculate and not experts:
             raise InputError("speculative decoding needs at least one expert to draft", hint="drop --speculate")
         self.speculate = speculate  # draft tokens per round (0: the plain loop); see transfer/speculative.py
+        # Several experts: weight each one per prompt by how much it raises the prompt's likelihood over its own
+        # base (combine.prompt_gate). Default on for DLF with two or more experts.
+        self.gate = (method == "dlf" and len(experts) > 1) if gate is None else bool(gate)
+        self._gate: torch.Tensor | None = None  # [batch, n_experts] for the batch being decoded
         self.large, self.tok, self.experts, self.method = large, tokenizer, experts, method
         named = [("large", tokenizer), *((k, v) for k, v in (tokenizers or {}).items())]
         self.vocab = check_shared_vocab(named)
@@ -137,7 +143,10 @@ class FusedModel:
         else:
             rows = [[p.alpha_at(int(s)) for p in self.experts] for s in step]
             alphas = torch.tensor(rows, dtype=torch.float32).reshape(zl.shape[0], -1)
-        scores, used = combine(self.method, zl, ze, zb, alphas, self.grid)
+        gate = self._gate if self.gate else None
+        if gate is not None and gate.shape[0] != zl.shape[0]:  # loglik scores one prompt's target positions
+            gate = gate.expand(zl.shape[0], -1)
+        scores, used = combine(self.method, zl, ze, zb, alphas, self.grid, gate)
         self.last_alphas.append(used)
         return scores
 
@@ -147,7 +156,13 @@ class FusedModel:
         ids, mask = _encode(self.tok, prompts)
         models = [self.large, *self._small_models()]
         streams = {id(m): _Stream(m, mask.clone(), (mask.cumsum(-1) - 1).clamp_min(0)) for m in models}
-        logits = {k: _forward(s, ids) for k, s in streams.items()}
+        if self.gate:  # the small models' prefill keeps every position's logits for the gate
+            full = {id(m): _forward(streams[id(m)], ids, every=True) for m in self._small_models()}
+            self._gate = self._prompt_gate(ids, mask, full)
+            logits = {k: v[:, -1] for k, v in full.items()}
+            logits.update({k: _forward(s, ids) for k, s in streams.items() if k not in logits})
+        else:
+            logits = {k: _forward(s, ids) for k, s in streams.items()}
         if self.speculate:
             if spec.temperature != 0:
                 raise InputError("speculative decoding is greedy only", hint="use temperature 0, or speculate 0")
@@ -173,6 +188,12 @@ class FusedModel:
                 logits[k] = _forward(s, nxt[:, None])
         self.tokens_generated = out.numel()
         return [self._finish(row, spec.stop) for row in out]
+
+    def _prompt_gate(self, ids: torch.Tensor, mask: torch.Tensor, full: dict[int, torch.Tensor]) -> torch.Tensor:
+        v = self.vocab
+        ze = [full[id(p.expert)][..., :v] for p in self.experts]
+        zb = [full[id(p.base)][..., :v] for p in self.experts]
+        return prompt_gate(ids, mask, ze, zb)
 
     def _stopped(self, out: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
         if not stop:
@@ -214,9 +235,15 @@ class FusedModel:
             p_ids = self.tok(prompt, add_special_tokens=False).input_ids
             t_ids = self.tok(target, add_special_tokens=False).input_ids
             ids = torch.tensor([p_ids + t_ids])
-            per_model = {}
+            per_model, full = {}, {}
             for m in [self.large, *self._small_models()]:
-                per_model[id(m)] = m(input_ids=ids).logits[0, len(p_ids) - 1 : -1].float()
+                full[id(m)] = m(input_ids=ids).logits.float()
+                per_model[id(m)] = full[id(m)][0, len(p_ids) - 1 : -1]
+            if self.gate:  # from the prompt alone, as in generate()
+                prompt = torch.tensor([p_ids])
+                self._gate = self._prompt_gate(
+                    prompt, torch.ones_like(prompt), {k: v[:, : len(p_ids)] for k, v in full.items()}
+                )
             scores = self._scores(per_model, 0)
             lp = torch.log_softmax(scores, -1)
             tgt = torch.tensor(t_ids)
