@@ -1,4 +1,4 @@
-"""CLI command ``generate``: decode with a large base steered by small expert pairs (logit arithmetic)."""
+"""CLI commands ``generate`` and ``serve``: decode with a large base steered by small expert pairs."""
 
 from __future__ import annotations
 
@@ -89,3 +89,40 @@ def generate(
     for p, o in zip(texts, outputs):
         table.add_row(p, o)
     console.print(table)
+
+
+@app.command()
+def serve(
+    base: str = typer.Option(..., "--base", help="The large base model directory."),
+    expert: list[str] = typer.Option(..., "--expert", help="SMALL_TUNED:SMALL_BASE[:ALPHA] (repeatable)."),
+    method: str = typer.Option("proxy", help="proxy | eft | dlf"),
+    dlf_grid: int = typer.Option(11, "--dlf-grid", help="Candidate α values in [0, 2] per step (dlf)."),
+    speculate: int = typer.Option(0, "--speculate", help="Draft tokens per round for greedy requests (0: off)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
+    library: Path = LIBRARY_OPT,
+) -> None:
+    """Serve the fused model over HTTP: an OpenAI-style POST /v1/completions (and GET /v1/models).
+
+    Example: skillgraft serve --base ./large --expert ./small-math:./small --port 8000
+    then: curl -s localhost:8000/v1/completions -d '{"prompt": "2+2=", "max_tokens": 8}'
+    """
+    from skillgraft.transfer.load import ExpertSpec, TransferSpec, load_fused
+    from skillgraft.transfer.serve import make_server
+
+    if not 0 <= port <= 65535:
+        raise InputError(f"--port must be 0 to 65535, not {port}")
+    spec = TransferSpec(base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate)
+    fused = load_fused(spec)
+    try:
+        server = make_server(fused, host, port, model_name=f"{Path(base).name}+{method}")
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}", hint="pick another --port") from None
+    bound = server.server_address
+    console.print(f"serving {method} on http://{bound[0]}:{bound[1]}/v1/completions (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
