@@ -359,6 +359,16 @@ def compare_tools(name: str, base: Path, tunes: list[Path], work: Path, a: argpa
             c_own = run_child("compare", {"a": str(out_own), "b": str(outs["mergekit"]), "base": str(base)}, work)
             res["ties_own_yaml"] = {"config": own.read_text(), "run": r_own, "compare": c_own}
             shutil.rmtree(out_own, ignore_errors=True)
+            # mergekit's semantics with ties at the k-th magnitude taken in index order (no sort)
+            pos = cfgs / "ties.position.yaml"
+            pos.write_text(sg_yaml("ties", base, tunes, WEIGHTS, {"density": DENSITY, "mode": "mergekit",
+                                                                  "tie_break": "position", "normalize": True}))
+            out_pos = work / f"out-{name}-ties-pos"
+            r_pos = measure(tools.sg_cmd(pos, out_pos), f"{name} ties skillgraft mergekit mode, tie_break position",
+                            work / "log-own.txt")
+            c_pos = run_child("compare", {"a": str(out_pos), "b": str(outs["mergekit"]), "base": str(base)}, work)
+            res["ties_position"] = {"config": pos.read_text(), "run": r_pos, "compare": c_pos}
+            shutil.rmtree(out_pos, ignore_errors=True)
         for d in outs.values():
             shutil.rmtree(d, ignore_errors=True)
     return res
@@ -539,6 +549,10 @@ def render_compare(title: str, res: dict, lines: list[str]) -> None:
         r = res["ties_own_yaml"]["run"]
         extra.append(f"skillgraft on its own YAML (TIES, default `mode: paper`, kthvalue trim): {r['wall']:.1f} s, "
                      f"peak RSS {_gib(r['peak_rss'])} GiB")
+    if "ties_position" in res:
+        r = res["ties_position"]["run"]
+        extra.append(f"skillgraft TIES in mergekit mode with `tie_break: position` (no sort): {r['wall']:.1f} s, "
+                     f"peak RSS {_gib(r['peak_rss'])} GiB")
     if "ties_mk_bf16" in res:
         r = res["ties_mk_bf16"]["run"]
         extra.append(f"mergekit TIES with `dtype: bfloat16` (computes in bf16; its lightest setting): "
@@ -551,6 +565,8 @@ def render_compare(title: str, res: dict, lines: list[str]) -> None:
     rows = [(m, e["compare"]) for m, e in res["methods"].items()]
     if "ties_own_yaml" in res:
         rows.append(("ties, skillgraft own YAML (paper mode) vs mergekit", res["ties_own_yaml"]["compare"]))
+    if "ties_position" in res:
+        rows.append(("ties, mergekit mode with tie_break position vs mergekit", res["ties_position"]["compare"]))
     if "ties_mk_bf16" in res:
         rows.append(("ties, skillgraft vs mergekit `dtype: bfloat16`", res["ties_mk_bf16"]["compare"]))
     for label, c in rows:

@@ -277,6 +277,7 @@ SLICE_CASES = [
     ("task_arithmetic", {"lambda": 0.7}),
     ("ties", {"density": 0.4}),
     ("ties", {"density": 0.4, "mode": "mergekit"}),
+    ("ties", {"density": 0.4, "mode": "mergekit", "tie_break": "position"}),
     ("ties", {"density": 0.3, "trim_scope": "global"}),
     ("magnitude_prune", {"density": 0.5, "mode": "mergekit"}),
     ("dare_linear", {"density": 0.5}),

@@ -150,3 +150,52 @@ def test_dare_with_per_input_generators_keeps_density() -> None:
     kept = [float((o != 0).float().mean()) for o in out]
     assert all(abs(k - 0.3) < 0.01 for k in kept)  # 90,000 draws: sd 0.0015
     assert not torch.equal(out[0] != 0, out[1] != 0)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("slice_size", [1 << 10, 1 << 18])
+def test_position_trim_is_a_stable_sorts_top_k(density: float, slice_size: int, monkeypatch) -> None:
+    """mergekit's exactly-k trim with ties broken by index: the set a stable descending sort's first k keeps,
+    slice by slice (ties counted across slices) or whole; bf16 deltas have many ties at the k-th magnitude."""
+    from skillgraft.merge import steps
+
+    monkeypatch.setattr(steps, "SLICE", slice_size)
+    g = torch.Generator().manual_seed(3)
+    delta = (torch.randn(50_000, generator=g) * 1e-3).bfloat16().float()
+    k = steps.keep_count(density, delta.numel())
+    want = torch.zeros_like(delta)
+    keep = torch.sort(delta.abs(), descending=True, stable=True).indices[:k]
+    want[keep] = delta[keep]
+    plan = steps.position_trim_plan(delta, density)
+    assert int((delta.abs() == plan[0]).sum()) > 1  # the case that matters: several ties at the threshold
+    whole = steps.position_trim(delta, plan, slice(0, delta.numel()))
+    assert torch.equal(whole, want) and int((whole != 0).sum()) == k
+    parts = [
+        steps.position_trim(delta[lo : lo + slice_size], plan, slice(lo, min(lo + slice_size, delta.numel())))
+        for lo in range(0, delta.numel(), slice_size)
+    ]
+    assert torch.equal(torch.cat(parts), want)
+
+
+def test_tie_break_position_differs_from_argsort_only_at_ties() -> None:
+    from skillgraft.merge import steps
+
+    g = torch.Generator().manual_seed(4)
+    deltas = (torch.randn(2, 64, 64, generator=g) * 1e-3).bfloat16().float()
+    w = torch.tensor([0.6, 0.4])
+    exact = run("ties", deltas, w, density=0.5, mode="mergekit")
+    fast = run("ties", deltas, w, density=0.5, mode="mergekit", tie_break="position")
+    ties = torch.zeros(64, 64, dtype=torch.bool)
+    for d in deltas:
+        t = steps.kth_largest_abs(d, steps.keep_count(0.5, d.numel()))
+        ties |= d.abs() == t
+    assert torch.equal(exact[~ties], fast[~ties]) and not torch.equal(exact, fast)
+    continuous = torch.randn(2, 64, 64, generator=g)  # no ties: the same result
+    assert torch.equal(
+        run("ties", continuous, w, density=0.3, mode="mergekit"),
+        run("ties", continuous, w, density=0.3, mode="mergekit", tie_break="position"),
+    )
+    with pytest.raises(Exception, match="mode 'mergekit'"):
+        run("ties", deltas, w, density=0.5, tie_break="position")
+    with pytest.raises(Exception, match="tie_break must be"):
+        run("ties", deltas, w, density=0.5, mode="mergekit", tie_break="random")

@@ -216,8 +216,7 @@ def test_prompt_gate_is_the_likelihood_gain_posterior(models):
 
     tok, large, small, expert = models
     other = build(llama_config(vocab_size=len(tok)), seed=4)
-    fused = FusedModel(large, tok, [ExpertPair(expert, small), ExpertPair(other, small)], method="dlf")
-    assert fused.gate  # on by default for DLF with two experts
+    fused = FusedModel(large, tok, [ExpertPair(expert, small), ExpertPair(other, small)], method="dlf", gate=True)
     fused.generate(PROMPTS, GenerationSpec(max_new_tokens=2))
     got = fused._gate
     for r, p in enumerate(PROMPTS):
@@ -235,5 +234,5 @@ def test_gate_keeps_single_expert_results_and_speculation(models):
     plain = FusedModel(large, tok, one, method="dlf").generate(PROMPTS, spec)
     assert FusedModel(large, tok, one, method="dlf", gate=True).generate(PROMPTS, spec) == plain  # gate ≡ 1
     two = [ExpertPair(expert, small), ExpertPair(build(llama_config(vocab_size=len(tok)), seed=4), small)]
-    gated = FusedModel(large, tok, two, method="dlf").generate(PROMPTS, spec)
-    assert FusedModel(large, tok, two, method="dlf", speculate=3).generate(PROMPTS, spec) == gated
+    gated = FusedModel(large, tok, two, method="dlf", gate=True).generate(PROMPTS, spec)
+    assert FusedModel(large, tok, two, method="dlf", gate=True, speculate=3).generate(PROMPTS, spec) == gated

@@ -47,6 +47,7 @@ def generate(
     speculate: int = typer.Option(
         0, "--speculate", help="Greedy only: the small models draft K tokens per round, one large forward checks them."
     ),
+    gate: bool = typer.Option(False, "--gate", help="Weight several experts per prompt by prompt-likelihood gain."),
     library: Path = LIBRARY_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
@@ -59,7 +60,7 @@ def generate(
 
     if speculate and temperature != 0:
         raise InputError("--speculate is greedy only", hint="drop --speculate or use --temperature 0")
-    spec = TransferSpec(base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate)
+    spec = TransferSpec(base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate, gate)
     gen = GenerationSpec(max_new_tokens, temperature, top_p, top_k, tuple(stop), seed)
     texts = read_prompts(prompts)
     fused = load_fused(spec)
@@ -98,6 +99,7 @@ def serve(
     method: str = typer.Option("proxy", help="proxy | eft | dlf"),
     dlf_grid: int = typer.Option(11, "--dlf-grid", help="Candidate α values in [0, 2] per step (dlf)."),
     speculate: int = typer.Option(0, "--speculate", help="Draft tokens per round for greedy requests (0: off)."),
+    gate: bool = typer.Option(False, "--gate", help="Weight several experts per prompt by prompt-likelihood gain."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
     library: Path = LIBRARY_OPT,
@@ -112,7 +114,7 @@ def serve(
 
     if not 0 <= port <= 65535:
         raise InputError(f"--port must be 0 to 65535, not {port}")
-    spec = TransferSpec(base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate)
+    spec = TransferSpec(base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate, gate)
     fused = load_fused(spec)
     try:
         server = make_server(fused, host, port, model_name=f"{Path(base).name}+{method}")

@@ -126,6 +126,34 @@ def exact_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return mask
 
 
+def position_trim_plan(delta: torch.Tensor, density: float) -> tuple[float, int, list[int]]:
+    """What ``position_trim`` needs for one flat Δ: the k-th largest |Δ| t (k = ``keep_count``), how many entries
+    equal to t to keep (k − #{|Δ| > t}), and the count of entries equal to t before each ``SLICE`` block."""
+    k = keep_count(density, delta.numel())
+    t = kth_largest_abs(delta, k)
+    greater, before = 0, [0]
+    for part in delta.reshape(-1).split(SLICE):
+        a = part.float().abs()
+        greater += int(mask01(torch.gt, a, t).sum())  # fp32 sums of ≤ SLICE ones: exact
+        before.append(before[-1] + int(mask01(torch.eq, a, t).sum()))
+    return t, k - greater, before
+
+
+def position_trim(delta: torch.Tensor, plan: tuple[float, int, list[int]], sl: slice) -> torch.Tensor:
+    """Exactly-k trim of the flat slice ``sl`` of one Δ (``delta`` holds that slice): keep |Δ| > t, and of the
+    entries equal to t the first ``m`` in index order — what a *stable* descending sort's first k would keep.
+    ``sl.start`` must be a multiple of ``SLICE`` (the plan counts ties per block)."""
+    t, m, before = plan
+    if sl.start % SLICE:
+        raise ValueError(f"position_trim: slice start {sl.start} is not a multiple of {SLICE}")
+    a = delta.abs()
+    keep = mask01(torch.gt, a, t)
+    tie = mask01(torch.eq, a, t)
+    rank = torch.cumsum(tie, 0, dtype=torch.int64).add_(before[sl.start // SLICE])  # 1-based rank of each tie
+    keep.add_(tie.mul_(mask01(torch.le, rank, m)))
+    return delta * keep
+
+
 def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Model Breadcrumbs: drop the top ``gamma`` fraction of |Δ| (outliers) and the smallest, keeping ``density``.
 

@@ -145,8 +145,9 @@ def _multi(
             _score_fused(_plain(load(manifest.model_dir(f"experts-large/{s}-full"))[0], tok), own, spec.batch_size)[0]
         )
     sc["large_ft"] = {k: sum(x[k] for x in ft_scores) / len(ft_scores) for k in ("em", "loglik")}
-    for m in spec.methods:  # DLF gates its experts per prompt by default (combine.prompt_gate); proxy/EFT do not
+    for m in spec.methods:
         sc[m], _, _ = _score_fused(FusedModel(large, tok, pairs, m), rows, spec.batch_size)
-    if "proxy" in spec.methods:  # the same gate on proxy tuning, to separate the gate from DLF's α search
-        sc["proxy+gate"], _, _ = _score_fused(FusedModel(large, tok, pairs, "proxy", gate=True), rows, spec.batch_size)
+    for m in ("proxy", "dlf"):  # and with the prompt gate (combine.prompt_gate) choosing experts per prompt
+        if m in spec.methods:
+            sc[f"{m}+gate"], _, _ = _score_fused(FusedModel(large, tok, pairs, m, gate=True), rows, spec.batch_size)
     return _gap_rows("+".join(skills), sc)

@@ -94,7 +94,7 @@ class FusedModel:
         dlf_grid: int = 11,
         tokenizers: dict[str, Any] | None = None,
         speculate: int = 0,
-        gate: bool | None = None,
+        gate: bool = False,
     ) -> None:
         if method not in METHODS:
             raise InputError(f"unknown transfer method {method!r}", hint=f"use one of {', '.join(METHODS)}")
@@ -106,8 +106,8 @@ class FusedModel:
             raise InputError("speculative decoding needs at least one expert to draft", hint="drop --speculate")
         self.speculate = speculate  # draft tokens per round (0: the plain loop); see transfer/speculative.py
         # Several experts: weight each one per prompt by how much it raises the prompt's likelihood over its own
-        # base (combine.prompt_gate). Default on for DLF with two or more experts.
-        self.gate = (method == "dlf" and len(experts) > 1) if gate is None else bool(gate)
+        # base (combine.prompt_gate); opt-in (see docs/transfer.md for when it identifies the task).
+        self.gate = bool(gate)
         self._gate: torch.Tensor | None = None  # [batch, n_experts] for the batch being decoded
         self.large, self.tok, self.experts, self.method = large, tokenizer, experts, method
         named = [("large", tokenizer), *((k, v) for k, v in (tokenizers or {}).items())]

@@ -44,6 +44,7 @@ class TransferSpec:
     dlf_grid: int = 11
     library: Path | None = None
     speculate: int = 0  # draft tokens per round (greedy only); 0: the plain loop
+    gate: bool = False  # weight several experts per prompt (combine.prompt_gate)
 
 
 class _Loader:
@@ -107,4 +108,6 @@ def load_fused(spec: TransferSpec) -> FusedModel:
         pairs.append(ExpertPair(expert, base, e.alpha, label=e.expert))
         toks[f"expert {i + 1} ({e.expert})"] = ld.tokenizer(tok_dir)
         toks[f"expert base {i + 1} ({e.base})"] = ld.tokenizer(e.base)
-    return FusedModel(large, ld.tokenizer(spec.large), pairs, spec.method, spec.dlf_grid, toks, spec.speculate)
+    return FusedModel(
+        large, ld.tokenizer(spec.large), pairs, spec.method, spec.dlf_grid, toks, spec.speculate, spec.gate
+    )

@@ -23,6 +23,7 @@ class TiesParams:
     mode: str = "paper"
     trim_scope: str = "tensor"
     normalize: bool = True
+    tie_break: str = "argsort"
 
     def __post_init__(self) -> None:
         family.check_density("ties", self.density)
@@ -33,12 +34,24 @@ class TiesParams:
         if self.trim_scope == "global" and self.mode == "mergekit":
             raise InputError("ties: mergekit trims per tensor; trim_scope 'global' needs mode 'paper'")
         family.check_optional_bool("ties", "normalize", self.normalize)
+        check_tie_break("ties", self.tie_break, self.mode)
 
 
-def prepare_trim(job: TensorJob, density: float, mode: str, trim_scope: str = "tensor") -> Any:
+def check_tie_break(method: str, tie_break: Any, mode: str) -> None:
+    if tie_break not in ("argsort", "position"):
+        raise InputError(f"{method}: tie_break must be 'argsort' or 'position', not {tie_break!r}")
+    if tie_break == "position" and mode != "mergekit":
+        raise InputError(f"{method}: tie_break applies to mode 'mergekit' (the paper trim keeps every tie)")
+
+
+def prepare_trim(
+    job: TensorJob, density: float, mode: str, trim_scope: str = "tensor", tie_break: str = "argsort"
+) -> Any:
     """Per-tensor part of the trim, on flat ``[n, numel]`` deltas: ``("threshold", [tᵢ])`` keeps |Δᵢ| ≥ tᵢ —
     the k-th largest magnitude per tensor (paper) or the engine's whole-model ``job.thresholds`` (global);
-    ``("mask", M)`` keeps the exactly-k entries ``argsort`` picks (mergekit); None keeps everything."""
+    ``("mask", M)`` keeps the exactly-k entries ``argsort`` picks (mergekit); ``("position", …)`` keeps exactly
+    k with ties at the k-th magnitude taken in index order (mergekit, ``tie_break: position``; see
+    ``steps.position_trim``); None keeps everything."""
     if trim_scope == "global":
         if job.thresholds is None or len(job.thresholds) != job.n:
             raise InputError(f"{job.name}: trim_scope 'global' needs whole-model thresholds from the merge engine")
@@ -46,6 +59,9 @@ def prepare_trim(job: TensorJob, density: float, mode: str, trim_scope: str = "t
     if density >= 1:
         return None
     rows = list(job.deltas)
+    if mode == "mergekit" and tie_break == "position":
+        plans = family.threads(lambda d: steps.position_trim_plan(d, density), rows)
+        return ("position", plans)
     if mode == "mergekit":
         exact = lambda d: steps.exact_keep_mask(d, density)  # noqa: E731
         # A sort holds ~16 bytes per entry: side by side only while that stays small (peak memory over speed).
@@ -66,11 +82,13 @@ def apply_trim(job: TensorJob, ctx: Any, sl: slice) -> torch.Tensor:
     kind, per_input = ctx
     if kind == "mask":
         return job.deltas * steps.as01(per_input[:, sl])
+    if kind == "position":
+        return torch.stack([steps.position_trim(job.deltas[i], plan, sl) for i, plan in enumerate(per_input)])
     return steps.trim_by_threshold(job.deltas, per_input)
 
 
 def _ties_prepare(job: TensorJob, p: TiesParams) -> Any:
-    return prepare_trim(job, p.density, p.mode, p.trim_scope)
+    return prepare_trim(job, p.density, p.mode, p.trim_scope, p.tie_break)
 
 
 def _ties_apply(job: TensorJob, p: TiesParams, ctx: Any, sl: slice) -> torch.Tensor:
@@ -93,7 +111,10 @@ def ties(job: TensorJob, p: TiesParams) -> torch.Tensor:
       ``merge_func: sum``). User weights scale each task vector; weights 1 give the paper exactly.
     * **mergekit** (0.1.5, bit-exact): per-tensor trim of exactly k entries by ``argsort(|Δ|, descending)`` order;
       sign elected on *weighted* deltas wᵢΔᵢ (sum ≥ 0 counts as +); agreement judged on wᵢΔᵢ; Σ wᵢmᵢΔᵢ divided by
-      Σ wᵢmᵢ when ``normalize`` (a weighted disjoint mean), else the sum.
+      Σ wᵢmᵢ when ``normalize`` (a weighted disjoint mean), else the sum. ``tie_break: position`` keeps the same
+      exactly-k rule but takes entries tied at the k-th magnitude in index order instead of argsort's order
+      (which only a full sort reproduces): no sort, several times faster; it differs from mergekit only in which
+      of the tied entries survive.
     Then × λ (no rescale). Defaults: density 0.2 (paper's k = 20 %; mergekit's own default 1.0 disables trimming),
     λ 1 (mergekit's default; the paper searched 0.8–2.5), normalize true.
     Edge cases: density 1 keeps everything (TIES then only resolves sign conflicts); all-zero deltas → 0 (zeros
@@ -111,12 +132,14 @@ class MagnitudePruneParams:
     lambda_: float = 1.0
     mode: str = "paper"
     normalize: bool = False
+    tie_break: str = "argsort"
 
     def __post_init__(self) -> None:
         family.check_density("magnitude_prune", self.density)
         family.check_number("magnitude_prune", "lambda", self.lambda_)
         family.check_mode("magnitude_prune", self.mode)
         family.check_optional_bool("magnitude_prune", "normalize", self.normalize)
+        check_tie_break("magnitude_prune", self.tie_break, self.mode)
 
 
 def _prune_apply(job: TensorJob, p: MagnitudePruneParams, ctx: Any, sl: slice) -> torch.Tensor:
@@ -124,7 +147,9 @@ def _prune_apply(job: TensorJob, p: MagnitudePruneParams, ctx: Any, sl: slice) -
     return family.combine(trimmed, job.weights, consensus=False, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
 
 
-PRUNE = Chunked(lambda job, p: prepare_trim(job, p.density, p.mode), _prune_apply, lambda p: p.density < 1)
+PRUNE = Chunked(
+    lambda job, p: prepare_trim(job, p.density, p.mode, tie_break=p.tie_break), _prune_apply, lambda p: p.density < 1
+)
 
 
 @merge_method("magnitude_prune", MagnitudePruneParams, chunked=PRUNE)
@@ -133,7 +158,8 @@ def magnitude_prune(job: TensorJob, p: MagnitudePruneParams) -> torch.Tensor:
 
     Trim per tensor to the top ``density`` fraction of |Δᵢ|: paper mode by ``kthvalue`` threshold (ties kept),
     mergekit mode exactly k = max(1, ⌊density·numel⌋) entries in ``argsort`` order (mergekit's ``magnitude``
-    sparsifier with task-arithmetic merging). No rescale. Defaults density 0.2, λ 1, normalize false.
+    sparsifier with task-arithmetic merging; ``tie_break: position`` takes ties at the k-th magnitude in index
+    order, as in ``ties``). No rescale. Defaults density 0.2, λ 1, normalize false.
     Edge cases: density 1 → task arithmetic; all-zero deltas → 0; one input at weight 1 → trim(Δ₁).
     Compute dtype fp32. Reference: the "trim" step of TIES (Yadav et al. 2023); mergekit ``sparsify.magnitude``.
     """
