@@ -351,24 +351,20 @@ def compare_tools(name: str, base: Path, tunes: list[Path], work: Path, a: argpa
             res["ties_mk_bf16"] = {"config": cfg16.read_text(), "run": r16, "compare": c16}
             shutil.rmtree(out16, ignore_errors=True)
         if method == "ties" and a.own_yaml:
-            own = cfgs / "ties.skillgraft.yaml"
-            own.write_text(sg_yaml("ties", base, tunes, WEIGHTS, {"density": DENSITY}))
-            out_own = work / f"out-{name}-ties-own"
-            r_own = measure(tools.sg_cmd(own, out_own), f"{name} ties skillgraft own YAML (paper)",
-                            work / "log-own.txt")
-            c_own = run_child("compare", {"a": str(out_own), "b": str(outs["mergekit"]), "base": str(base)}, work)
-            res["ties_own_yaml"] = {"config": own.read_text(), "run": r_own, "compare": c_own}
-            shutil.rmtree(out_own, ignore_errors=True)
-            # mergekit's semantics with ties at the k-th magnitude taken in index order (no sort)
-            pos = cfgs / "ties.position.yaml"
-            pos.write_text(sg_yaml("ties", base, tunes, WEIGHTS, {"density": DENSITY, "mode": "mergekit",
-                                                                  "tie_break": "position", "normalize": True}))
-            out_pos = work / f"out-{name}-ties-pos"
-            r_pos = measure(tools.sg_cmd(pos, out_pos), f"{name} ties skillgraft mergekit mode, tie_break position",
-                            work / "log-own.txt")
-            c_pos = run_child("compare", {"a": str(out_pos), "b": str(outs["mergekit"]), "base": str(base)}, work)
-            res["ties_position"] = {"config": pos.read_text(), "run": r_pos, "compare": c_pos}
-            shutil.rmtree(out_pos, ignore_errors=True)
+            own_params = {  # result key -> (label, parameters): skillgraft's own YAMLs, compared with mergekit's
+                "ties_own_yaml": ("own YAML (paper)", {"density": DENSITY}),
+                # mergekit's semantics with ties at the k-th magnitude taken in index order (no sort)
+                "ties_position": ("mergekit mode, tie_break position",
+                                  {"density": DENSITY, "mode": "mergekit", "tie_break": "position", "normalize": True}),
+            }
+            for key, (label, params) in own_params.items():
+                own = cfgs / f"{key}.yaml"
+                own.write_text(sg_yaml("ties", base, tunes, WEIGHTS, params))
+                out_own = work / f"out-{name}-{key}"
+                r_own = measure(tools.sg_cmd(own, out_own), f"{name} ties skillgraft {label}", work / "log-own.txt")
+                c_own = run_child("compare", {"a": str(out_own), "b": str(outs["mergekit"]), "base": str(base)}, work)
+                res[key] = {"config": own.read_text(), "run": r_own, "compare": c_own}
+                shutil.rmtree(out_own, ignore_errors=True)
         for d in outs.values():
             shutil.rmtree(d, ignore_errors=True)
     return res
