@@ -49,9 +49,13 @@ def prepare_trim(
 ) -> Any:
     """Per-tensor part of the trim, on flat ``[n, numel]`` deltas: ``("threshold", [tᵢ])`` keeps |Δᵢ| ≥ tᵢ —
     the k-th largest magnitude per tensor (paper) or the engine's whole-model ``job.thresholds`` (global);
-    ``("mask", M)`` keeps the exactly-k entries ``argsort`` picks (mergekit); ``("position", …)`` keeps exactly
-    k with ties at the k-th magnitude taken in index order (mergekit, ``tie_break: position``; see
-    ``steps.position_trim``); None keeps everything."""
+    ``("exact", [eᵢ])`` keeps exactly k entries per input (mergekit): eᵢ is either a ``steps.position_trim``
+    plan (ties at the k-th magnitude taken in index order) or the bool mask of the entries ``argsort`` picks;
+    None keeps everything.
+
+    With ``tie_break: argsort`` the sort runs only where it can matter: when the k-th largest |Δᵢ| is 0 the
+    tied entries are zeros, which are the same value kept or dropped, so the position plan gives argsort's
+    result bit for bit (bf16 fine-tunes often change fewer than half their entries)."""
     if trim_scope == "global":
         if job.thresholds is None or len(job.thresholds) != job.n:
             raise InputError(f"{job.name}: trim_scope 'global' needs whole-model thresholds from the merge engine")
@@ -59,14 +63,15 @@ def prepare_trim(
     if density >= 1:
         return None
     rows = list(job.deltas)
-    if mode == "mergekit" and tie_break == "position":
-        plans = family.threads(lambda d: steps.position_trim_plan(d, density), rows)
-        return ("position", plans)
     if mode == "mergekit":
-        exact = lambda d: steps.exact_keep_mask(d, density)  # noqa: E731
+        plans = family.threads(lambda d: steps.position_trim_plan(d, density), rows)
+        sort = [i for i, plan in enumerate(plans) if tie_break == "argsort" and plan[0] > 0]
+        exact = lambda i: steps.exact_keep_mask(rows[i], density)  # noqa: E731
         # A sort holds ~16 bytes per entry: side by side only while that stays small (peak memory over speed).
-        masks = family.threads(exact, rows) if job.deltas.numel() <= 1 << 24 else [exact(d) for d in rows]
-        return ("mask", torch.stack(masks))
+        masks = family.threads(exact, sort) if job.deltas[0].numel() <= 1 << 23 else [exact(i) for i in sort]
+        for i, mask in zip(sort, masks):
+            plans[i] = mask
+        return ("exact", plans)
     return ("threshold", _column(family.threads(lambda d: steps.magnitude_threshold(d, density), rows)))
 
 
@@ -80,10 +85,15 @@ def apply_trim(job: TensorJob, ctx: Any, sl: slice) -> torch.Tensor:
     if ctx is None:
         return job.deltas
     kind, per_input = ctx
-    if kind == "mask":
-        return job.deltas * steps.as01(per_input[:, sl])
-    if kind == "position":
-        return torch.stack([steps.position_trim(job.deltas[i], plan, sl) for i, plan in enumerate(per_input)])
+    if kind == "exact":
+        return torch.stack(
+            [
+                job.deltas[i] * steps.as01(e[sl])
+                if isinstance(e, torch.Tensor)
+                else steps.position_trim(job.deltas[i], e, sl)
+                for i, e in enumerate(per_input)
+            ]
+        )
     return steps.trim_by_threshold(job.deltas, per_input)
 
 
@@ -111,10 +121,11 @@ def ties(job: TensorJob, p: TiesParams) -> torch.Tensor:
       ``merge_func: sum``). User weights scale each task vector; weights 1 give the paper exactly.
     * **mergekit** (0.1.5, bit-exact): per-tensor trim of exactly k entries by ``argsort(|Δ|, descending)`` order;
       sign elected on *weighted* deltas wᵢΔᵢ (sum ≥ 0 counts as +); agreement judged on wᵢΔᵢ; Σ wᵢmᵢΔᵢ divided by
-      Σ wᵢmᵢ when ``normalize`` (a weighted disjoint mean), else the sum. ``tie_break: position`` keeps the same
-      exactly-k rule but takes entries tied at the k-th magnitude in index order instead of argsort's order
-      (which only a full sort reproduces): no sort, several times faster; it differs from mergekit only in which
-      of the tied entries survive.
+      Σ wᵢmᵢ when ``normalize`` (a weighted disjoint mean), else the sum. The sort runs only for inputs whose
+      k-th largest |Δ| is nonzero: at 0 the tied entries are zeros, kept or dropped alike. ``tie_break:
+      position`` keeps the same exactly-k rule but takes entries tied at a nonzero k-th magnitude in index order
+      instead of argsort's (which only a full sort reproduces): never a sort; it differs from mergekit only in
+      which of the tied entries survive.
     Then × λ (no rescale). Defaults: density 0.2 (paper's k = 20 %; mergekit's own default 1.0 disables trimming),
     λ 1 (mergekit's default; the paper searched 0.8–2.5), normalize true.
     Edge cases: density 1 keeps everything (TIES then only resolves sign conflicts); all-zero deltas → 0 (zeros
