@@ -8,6 +8,7 @@ writer thread, so peak memory is a few tensors × the number of inputs, independ
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import math
 import re
@@ -319,17 +320,20 @@ class _TensorSteps:
         pass
 
 
+SLOTS = 5  # output buffers of the largest tensor's size: the writer may lag by a few tensors (1.1B: 3 → 5 saves 0.3 s)
+
+
 class _SliceSteps:
     """Slice by slice into reused buffers (see ``merge/slices.py``)."""
 
-    depth = 1
+    depth = 2
 
     def __init__(self, plan: MergePlan, thresholds: list[float] | None, out: Any) -> None:
         from skillgraft.merge.slices import SliceMerger, Slots
 
         self.plan, self.out = plan, out
         self.merger = SliceMerger(plan, thresholds)
-        self.out_slots = Slots(3, [max((t.out_bytes for t in plan.tensors), default=0)])
+        self.out_slots = Slots(SLOTS, [max((t.out_bytes for t in plan.tensors), default=0)])
         # Lanes already use both cores; torch's own threads on top would oversubscribe them (measured: 1.1B
         # task arithmetic 4.9 s with one torch thread per lane, 9.4 s with two).
         self.torch_threads = torch.get_num_threads()
@@ -399,6 +403,8 @@ def run_merge(
     step = _SliceSteps(plan, thresholds, out) if _sliced(plan, opts) else _TensorSteps(plan, thresholds, out)
     writer = WriteBehind(step.sink)
     done_bytes, merged = 0, 0
+    gc_was_on = gc.isenabled()
+    gc.disable()  # the loop makes few objects and no cycles; collections only cost time (≈ 2 % of a fast merge)
     try:
         for item in prefetch(step.read(), depth=step.depth):
             merged += step.merge(item, writer)
@@ -414,6 +420,9 @@ def run_merge(
             pass
         out.abort()
         raise
+    finally:
+        if gc_was_on:
+            gc.enable()
     step.close()
     read = sum(plan.base.nbytes(t.name) * (1 + len(t.users)) for t in plan.tensors)
     return MergeResult(

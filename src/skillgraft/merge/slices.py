@@ -27,6 +27,26 @@ from skillgraft.merge.steps import SLICE
 LANES = 2  # threads that merge slices of one tensor side by side
 
 
+MADV_POPULATE_WRITE = 23  # linux/mman.h (Linux ≥ 5.14)
+
+
+def populate(buffers: list[torch.Tensor]) -> None:
+    """Fault in (and so zero) every page of ``buffers`` up front; a no-op where the kernel lacks the advice.
+
+    Through ctypes, which releases the GIL for the call (``mmap.madvise`` holds it: zeroing hundreds of MB would
+    stall every other thread)."""
+    try:
+        import ctypes
+
+        madvise = ctypes.CDLL("libc.so.6", use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        return
+    for buf in buffers:
+        if buf.numel() and madvise(buf.data_ptr(), buf.numel(), MADV_POPULATE_WRITE) != 0:
+            return  # older kernel (EINVAL): pages fault in on first use instead
+
+
 class Closed(Exception):
     """Raised in a thread waiting on :class:`Slots` after the merge stopped."""
 
@@ -38,13 +58,18 @@ class Slots:
         self._keep: list = []
         self._free: queue.Queue = queue.Queue()
         self._closed = threading.Event()
+        self._buffers: list[torch.Tensor] = []
         for _ in range(count):
             group = []
             for size in sizes:
                 mm, buf = aligned_buffer(size)
                 self._keep.append(mm)
                 group.append(buf)
+            self._buffers += group
             self._free.put(group)
+        # The kernel zeroes each page on first touch; do it now on a helper thread, in idle CPU time, not in
+        # the lanes' first copies into the buffers (8 % of a 1.1B task-arithmetic merge's CPU otherwise).
+        threading.Thread(target=populate, args=(self._buffers,), daemon=True).start()
 
     def take(self) -> list[torch.Tensor]:
         while True:
@@ -101,7 +126,11 @@ class SliceMerger:
         # Slices merge on LANES threads (torch kernels release the GIL). Randomized methods draw through
         # ``TensorJob.uniform``, counter-based per slice, so their draws do not depend on scheduling.
         self.lanes = LANES
-        self._work = [torch.empty((self.n, SLICE), dtype=torch.float32) for _ in range(LANES)]
+        # Methods with a per-tensor step may depend on SLICE-aligned slices (counter-based draws, tie counts per
+        # block); the others (linear, task arithmetic: a few cheap ops per entry) take 4× larger slices, which
+        # cuts the per-slice Python overhead (≈ 5 % of a 1.1B task-arithmetic merge).
+        self.step = SLICE if self.chunked.prepare is not None else 4 * SLICE
+        self._work = [torch.empty((self.n, self.step), dtype=torch.float32) for _ in range(LANES)]
         self._pool = ThreadPoolExecutor(LANES) if LANES > 1 else None
         keep_freed_memory()
         self._layer, self._rngs = _layer, input_rngs
@@ -125,7 +154,8 @@ class SliceMerger:
         if not t.users:
             out.copy_(base)
             return
-        slices = [slice(s, min(s + SLICE, numel)) for s in range(0, numel, SLICE)]
+        step = self.step
+        slices = [slice(s, min(s + step, numel)) for s in range(0, numel, step)]
         rng = self._rngs(self.plan.seed, t.name, self.n) if self.info.randomized else None
         common = dict(
             name=t.name, weights=self.weights, rng=rng, thresholds=self.thresholds,
