@@ -320,7 +320,9 @@ class _TensorSteps:
         pass
 
 
-SLOTS = 5  # output buffers of the largest tensor's size: the writer may lag by a few tensors (1.1B: 3 → 5 saves 0.3 s)
+# Output buffers of the largest tensor's size, so the writer may lag a few tensors behind (1.1B: 3 → 5 saved
+# 0.3 s of waiting): 5 while they fit in 1 GiB, never fewer than 3 (a 70B embedding alone is 2 GiB).
+SLOTS, SLOTS_BYTES = (3, 5), 1 << 30
 
 
 class _SliceSteps:
@@ -333,7 +335,8 @@ class _SliceSteps:
 
         self.plan, self.out = plan, out
         self.merger = SliceMerger(plan, thresholds)
-        self.out_slots = Slots(SLOTS, [max((t.out_bytes for t in plan.tensors), default=0)])
+        largest = max((t.out_bytes for t in plan.tensors), default=0)
+        self.out_slots = Slots(max(SLOTS[0], min(SLOTS[1], SLOTS_BYTES // max(largest, 1))), [largest])
         # Lanes already use both cores; torch's own threads on top would oversubscribe them (measured: 1.1B
         # task arithmetic 4.9 s with one torch thread per lane, 9.4 s with two).
         self.torch_threads = torch.get_num_threads()
