@@ -74,9 +74,12 @@ QUICK = Profile(
     pretrain=Stage(steps=400, lr=3e-3),
     pretrain_large=Stage(steps=250, lr=2e-3),
     full=Stage(steps=180, lr=3e-3),
-    lora=Stage(steps=180, lr=5e-3),
+    # lora at 5e-3 diverged on count on one host (loss 0.98, 0.35 exact match); at 3e-3 and 240 steps four other
+    # seeds reach 99.5%. caesar at 1.0x steps sat at 72-74% full fine-tuned, next to the tests' 70% floor.
+    lora=Stage(steps=240, lr=3e-3),
     full_large=Stage(steps=120, lr=3e-3),
     lora_rank=16,
+    step_scale=(("caesar", 1.5),),
     n_train=2000,
     n_test=200,
     n_mix=2000,
