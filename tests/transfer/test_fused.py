@@ -236,3 +236,45 @@ def test_gate_keeps_single_expert_results_and_speculation(models):
     two = [ExpertPair(expert, small), ExpertPair(build(llama_config(vocab_size=len(tok)), seed=4), small)]
     gated = FusedModel(large, tok, two, method="dlf", gate=True).generate(PROMPTS, spec)
     assert FusedModel(large, tok, two, method="dlf", gate=True, speculate=3).generate(PROMPTS, spec) == gated
+
+
+@pytest.mark.parametrize("method", ["proxy", "dlf"])
+def test_parallel_equals_sequential(models, method):
+    """The small models decoding in a second process give the same tokens as the one-process loop (greedy and
+    seeded sampling, two experts sharing a base, a stop string), and the worker survives several batches."""
+    tok, large, small, expert = models
+    pairs = [ExpertPair(expert, small, alpha=0.8), ExpertPair(small, expert, alpha=0.3)]
+    specs = [
+        GenerationSpec(max_new_tokens=9),
+        GenerationSpec(max_new_tokens=7, stop=("b",)),
+        GenerationSpec(max_new_tokens=8, temperature=0.9, top_p=0.95, seed=4),
+    ]
+    plain = FusedModel(large, tok, pairs, method=method)
+    threads = torch.get_num_threads()
+    with FusedModel(large, tok, pairs, method=method, parallel=True) as fast:
+        for spec in specs:
+            assert fast.generate(PROMPTS, spec) == plain.generate(PROMPTS, spec)
+        assert fast.generate(PROMPTS[:1], specs[0]) == plain.generate(PROMPTS[:1], specs[0])
+        assert torch.get_num_threads() == threads  # restored after each call
+    assert fast._worker is None  # closed on exit
+
+
+def test_parallel_refuses_speculation_and_gate(models):
+    tok, large, small, expert = models
+    for kw in ({"speculate": 2}, {"gate": True}):
+        with pytest.raises(InputError, match="parallel decoding does not combine"):
+            FusedModel(large, tok, [ExpertPair(expert, small)], parallel=True, **kw)
+
+
+def test_parallel_worker_failure_is_one_error(models):
+    """A worker that cannot run its models reports the failure instead of hanging."""
+    from skillgraft.transfer.parallel import WorkerError
+
+    tok, large, small, expert = models
+    with FusedModel(large, tok, [ExpertPair(expert, small)], parallel=True) as fast:
+        fast.generate(PROMPTS[:2], GenerationSpec(max_new_tokens=2))
+        worker = fast._worker[0]
+        worker._proc.kill()
+        worker._proc.join()
+        with pytest.raises(WorkerError, match="small-model process"):
+            fast.generate(PROMPTS[:2], GenerationSpec(max_new_tokens=2))

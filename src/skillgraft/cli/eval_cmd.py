@@ -34,6 +34,9 @@ def eval_(
         [], "--expert", help="SMALL_TUNED:SMALL_BASE[:ALPHA]: steer MODEL by logit arithmetic (repeatable)."
     ),
     method: str = typer.Option("proxy", "--method", help="With --expert: proxy | eft | dlf."),
+    parallel: bool = typer.Option(
+        False, "--parallel", help="With --expert: the small models decode in a second process, beside MODEL."
+    ),
     library: Path = LIBRARY_OPT,
     samples: bool = typer.Option(False, "--samples", help="With --json: include every example's prediction."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
@@ -67,7 +70,9 @@ def eval_(
 
         if skill:
             raise InputError("--skill and --expert cannot be combined", hint="apply the skill to the small expert")
-        transfer = TransferSpec(model, tuple(ExpertSpec.parse(e) for e in expert), method, library=library)
+        transfer = TransferSpec(
+            model, tuple(ExpertSpec.parse(e) for e in expert), method, library=library, parallel=parallel
+        )
     with progress_bar() as progress:
         res = evaluate_fused(spec, transfer, progress) if transfer else evaluate(spec, progress)
     if as_json:

@@ -48,26 +48,32 @@ def generate(
         0, "--speculate", help="Greedy only: the small models draft K tokens per round, one large forward checks them."
     ),
     gate: bool = typer.Option(False, "--gate", help="Weight several experts per prompt by prompt-likelihood gain."),
+    parallel: bool = typer.Option(
+        False, "--parallel", help="Run the small models in a second process, side by side with the large one."
+    ),
     library: Path = LIBRARY_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Generate with a large base steered by small (expert, base) pairs — proxy tuning, EFT or DLF.
 
     Example: skillgraft generate --base ./large --expert ./small-math:./small:1.0 --method dlf --prompts q.jsonl
+    --parallel
     """
     from skillgraft.transfer.fused import GenerationSpec
     from skillgraft.transfer.load import ExpertSpec, TransferSpec, load_fused
 
     if speculate and temperature != 0:
         raise InputError("--speculate is greedy only", hint="drop --speculate or use --temperature 0")
-    spec = TransferSpec(base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate, gate)
+    spec = TransferSpec(
+        base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate, gate, parallel
+    )
     gen = GenerationSpec(max_new_tokens, temperature, top_p, top_k, tuple(stop), seed)
     texts = read_prompts(prompts)
     fused = load_fused(spec)
     outputs: list[str] = []
     rounds = accepted = 0  # summed over batches (speculative decoding only)
     start = time.perf_counter()
-    with progress_bar() as progress:
+    with fused, progress_bar() as progress:
         for i in range(0, len(texts), batch_size):
             progress("generate", i, len(texts))
             outputs += fused.generate(texts[i : i + batch_size], gen)
@@ -100,6 +106,9 @@ def serve(
     dlf_grid: int = typer.Option(11, "--dlf-grid", help="Candidate α values in [0, 2] per step (dlf)."),
     speculate: int = typer.Option(0, "--speculate", help="Draft tokens per round for greedy requests (0: off)."),
     gate: bool = typer.Option(False, "--gate", help="Weight several experts per prompt by prompt-likelihood gain."),
+    parallel: bool = typer.Option(
+        False, "--parallel", help="Run the small models in a second process, side by side with the large one."
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
     library: Path = LIBRARY_OPT,
@@ -114,7 +123,9 @@ def serve(
 
     if not 0 <= port <= 65535:
         raise InputError(f"--port must be 0 to 65535, not {port}")
-    spec = TransferSpec(base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate, gate)
+    spec = TransferSpec(
+        base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate, gate, parallel
+    )
     fused = load_fused(spec)
     try:
         server = make_server(fused, host, port, model_name=f"{Path(base).name}+{method}")
@@ -128,3 +139,4 @@ def serve(
         pass
     finally:
         server.server_close()
+        fused.close()

@@ -224,6 +224,6 @@ def evaluate_fused(spec: EvalSpec, transfer: Any, progress: ProgressFn = no_prog
 
     t0 = time.perf_counter()
     tasks = resolve_tasks(spec.tasks)
-    fused = load_fused(transfer)
-    results = _evaluate_loaded(fused, fused.tok, tasks, spec, progress)
+    with load_fused(transfer) as fused:
+        results = _evaluate_loaded(fused, fused.tok, tasks, spec, progress)
     return EvalResult(f"{spec.model} ({transfer.method})", spec.skills, tuple(results), time.perf_counter() - t0)

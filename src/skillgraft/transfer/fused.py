@@ -16,6 +16,7 @@ import torch
 from skillgraft.errors import InputError
 from skillgraft.transfer import speculative
 from skillgraft.transfer.combine import METHODS, combine, prompt_gate
+from skillgraft.transfer.parallel import SmallWorker, threads_for
 from skillgraft.transfer.vocab import check_shared_vocab
 
 
@@ -76,6 +77,13 @@ def _forward(s: _Stream, ids: torch.Tensor, every: bool = False) -> torch.Tensor
     return out.logits.float() if every else out.logits[:, -1].float()
 
 
+def _advance(s: _Stream, nxt: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row (``nxt``: ``[batch]``) after ``s``'s cache; the new last-position logits."""
+    s.mask = torch.cat([s.mask, torch.ones(len(nxt), 1, dtype=s.mask.dtype)], 1)
+    s.pos = s.pos[:, -1:] + 1
+    return _forward(s, nxt[:, None])
+
+
 def _encode(tok: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True)
@@ -95,6 +103,7 @@ class FusedModel:
         tokenizers: dict[str, Any] | None = None,
         speculate: int = 0,
         gate: bool = False,
+        parallel: bool = False,
     ) -> None:
         if method not in METHODS:
             raise InputError(f"unknown transfer method {method!r}", hint=f"use one of {', '.join(METHODS)}")
@@ -104,6 +113,14 @@ class FusedModel:
             raise InputError(f"speculate must be 0 (off) to 32 draft tokens, not {speculate}")
         if speculate and not experts:
             raise InputError("speculative decoding needs at least one expert to draft", hint="drop --speculate")
+        if parallel and (speculate or gate):
+            raise InputError(
+                "parallel decoding does not combine with speculative decoding or the prompt gate",
+                hint="drop --parallel, or drop --speculate / --gate",
+            )
+        # The small models decode in a second process, side by side with the large one (transfer/parallel.py).
+        self.parallel = bool(parallel) and bool(experts)
+        self._worker: tuple[SmallWorker, tuple[int, int]] | None = None
         self.speculate = speculate  # draft tokens per round (0: the plain loop); see transfer/speculative.py
         # Several experts: weight each one per prompt by how much it raises the prompt's likelihood over its own
         # base (combine.prompt_gate); opt-in (see docs/transfer.md for when it identifies the task).
@@ -130,6 +147,29 @@ class FusedModel:
                 seen.setdefault(id(m), m)
         return list(seen.values())
 
+    def _remote_models(self) -> list[Any]:
+        """The small models the worker runs (all but one that is the large model itself)."""
+        return [m for m in self._small_models() if m is not self.large]
+
+    def _start_worker(self) -> tuple[SmallWorker, tuple[int, int]]:
+        if self._worker is None:
+            remote = self._remote_models()
+            threads = threads_for(self.large, remote)
+            self._worker = (SmallWorker(remote, threads[1]), threads)
+        return self._worker
+
+    def close(self) -> None:
+        """Stop the small-model process, if one was started (``parallel``); the model stays usable."""
+        if self._worker is not None:
+            self._worker[0].close()
+            self._worker = None
+
+    def __enter__(self) -> FusedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _scores(self, logits: dict[int, torch.Tensor], step: int | torch.Tensor) -> torch.Tensor:
         """Fused scores of one position; ``step`` (the token's index in the output, or one per row) picks
         each pair's α from its schedule."""
@@ -153,16 +193,33 @@ class FusedModel:
     @torch.no_grad()
     def generate(self, prompts: list[str], spec: GenerationSpec = GenerationSpec()) -> list[str]:
         """Decode a batch; returns the continuation text of each prompt (cut at a stop string or EOS)."""
+        if not self.parallel:
+            return self._generate(prompts, spec, None)
+        worker, (threads, _) = self._start_worker()
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return self._generate(prompts, spec, worker)
+        finally:
+            torch.set_num_threads(saved)
+
+    def _generate(self, prompts: list[str], spec: GenerationSpec, worker: SmallWorker | None) -> list[str]:
         ids, mask = _encode(self.tok, prompts)
-        models = [self.large, *self._small_models()]
+        remote = self._remote_models() if worker is not None else []
+        models = [m for m in [self.large, *self._small_models()] if not any(m is r for r in remote)]
         streams = {id(m): _Stream(m, mask.clone(), (mask.cumsum(-1) - 1).clamp_min(0)) for m in models}
+        small_ids = [id(m) for m in remote]
         if self.gate:  # the small models' prefill keeps every position's logits for the gate
             full = {id(m): _forward(streams[id(m)], ids, every=True) for m in self._small_models()}
             self._gate = self._prompt_gate(ids, mask, full)
             logits = {k: v[:, -1] for k, v in full.items()}
             logits.update({k: _forward(s, ids) for k, s in streams.items() if k not in logits})
         else:
+            if worker is not None:
+                worker.start(ids, mask)
             logits = {k: _forward(s, ids) for k, s in streams.items()}
+            if worker is not None:
+                logits.update(zip(small_ids, worker.wait()))
         if self.speculate:
             if spec.temperature != 0:
                 raise InputError("speculative decoding is greedy only", hint="use temperature 0, or speculate 0")
@@ -182,10 +239,12 @@ class FusedModel:
             done |= self._stopped(out, spec.stop)
             if bool(done.all()):
                 break
+            if worker is not None:
+                worker.send(nxt)  # the small models step in their own process while the large one steps here
             for k, s in streams.items():
-                s.mask = torch.cat([s.mask, torch.ones(len(prompts), 1, dtype=s.mask.dtype)], 1)
-                s.pos = s.pos[:, -1:] + 1
-                logits[k] = _forward(s, nxt[:, None])
+                logits[k] = _advance(s, nxt)
+            if worker is not None:
+                logits.update(zip(small_ids, worker.wait()))
         self.tokens_generated = out.numel()
         return [self._finish(row, spec.stop) for row in out]
 
@@ -240,9 +299,9 @@ class FusedModel:
                 full[id(m)] = m(input_ids=ids).logits.float()
                 per_model[id(m)] = full[id(m)][0, len(p_ids) - 1 : -1]
             if self.gate:  # from the prompt alone, as in generate()
-                prompt = torch.tensor([p_ids])
+                prompt_ids = torch.tensor([p_ids])
                 self._gate = self._prompt_gate(
-                    prompt, torch.ones_like(prompt), {k: v[:, : len(p_ids)] for k, v in full.items()}
+                    prompt_ids, torch.ones_like(prompt_ids), {k: v[:, : len(p_ids)] for k, v in full.items()}
                 )
             scores = self._scores(per_model, 0)
             lp = torch.log_softmax(scores, -1)

@@ -45,6 +45,7 @@ class TransferSpec:
     library: Path | None = None
     speculate: int = 0  # draft tokens per round (greedy only); 0: the plain loop
     gate: bool = False  # weight several experts per prompt (combine.prompt_gate)
+    parallel: bool = False  # the small models decode in a second process (transfer/parallel.py)
 
 
 class _Loader:
@@ -98,6 +99,11 @@ def load_fused(spec: TransferSpec) -> FusedModel:
     """Load every model once and check they share one vocabulary (before any decoding)."""
     if not spec.experts:
         raise InputError("no experts given", hint="pass --expert SMALL_TUNED:SMALL_BASE[:ALPHA]")
+    if spec.parallel and (spec.speculate or spec.gate):  # FusedModel refuses it too; say so before loading
+        raise InputError(
+            "parallel decoding does not combine with speculative decoding or the prompt gate",
+            hint="drop --parallel, or drop --speculate / --gate",
+        )
     _validate(spec)
     ld = _Loader(spec.library)
     large = ld.model(spec.large)
@@ -109,5 +115,6 @@ def load_fused(spec: TransferSpec) -> FusedModel:
         toks[f"expert {i + 1} ({e.expert})"] = ld.tokenizer(tok_dir)
         toks[f"expert base {i + 1} ({e.base})"] = ld.tokenizer(e.base)
     return FusedModel(
-        large, ld.tokenizer(spec.large), pairs, spec.method, spec.dlf_grid, toks, spec.speculate, spec.gate
+        large, ld.tokenizer(spec.large), pairs, spec.method, spec.dlf_grid, toks, spec.speculate, spec.gate,
+        parallel=spec.parallel,
     )
