@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from skillgraft.errors import InputError
 from skillgraft.merge.docs import render_methods_page
@@ -27,6 +30,11 @@ NOT_IDENTITY = {
 ORDERED = {
     "slerp": "t names input 2 (swapping means t → 1 − t)",
     "layer_swap": "ranges and default name inputs by index",
+}
+# Methods that ignore the user's weights by design, so zero weights do not give the base.
+WEIGHTLESS = {
+    "slerp": "interpolates between its two inputs by t",
+    "layer_swap": "copies the chosen input's Δ unchanged",
 }
 
 
@@ -68,8 +76,21 @@ def test_shape_dtype_finite(info: MethodInfo) -> None:
     assert out.shape == SHAPE and out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
+def permuted(job: TensorJob, perm: list[int]) -> TensorJob:
+    """``job`` with its inputs (deltas, weights, per-input stats) in the order ``perm``, and a fresh generator."""
+    return dataclasses.replace(
+        job,
+        deltas=job.deltas[perm],
+        weights=job.weights[perm],
+        stats=None if job.stats is None else tuple(job.stats[i] for i in perm),
+        rng=None if job.rng is None else torch.Generator().manual_seed(job.rng.initial_seed()),  # type: ignore[union-attr]
+    )
+
+
 IDENTITY = [m for m in METHODS if m.name not in NOT_IDENTITY or m.name == "slerp"]
 UNORDERED = [m for m in METHODS if m.name not in ORDERED]
+WEIGHTED = [m for m in METHODS if m.name not in WEIGHTLESS]
+DETERMINISTIC_UNORDERED = [m for m in UNORDERED if not m.randomized]
 
 
 @pytest.mark.parametrize("info", IDENTITY, ids=[m.name for m in IDENTITY])
@@ -93,12 +114,9 @@ def test_zero_deltas_give_zero(info: MethodInfo) -> None:
 @pytest.mark.parametrize("info", UNORDERED, ids=[m.name for m in UNORDERED])
 def test_input_order_does_not_matter(info: MethodInfo) -> None:
     deltas, weights = inputs(info)
-    perm = torch.tensor([2, 0, 1])
     params = info.make_params({})
-    a_job, b_job = make_job(info, deltas, weights), make_job(info, deltas[perm], weights[perm])
-    if b_job.stats is not None:
-        assert a_job.stats is not None
-        b_job = dataclasses.replace(b_job, stats=tuple(a_job.stats[i] for i in perm.tolist()))
+    a_job = make_job(info, deltas, weights)
+    b_job = permuted(a_job, [2, 0, 1])
     a, b = info.fn(a_job, params), info.fn(b_job, params)
     if info.randomized:
         # Draws are taken input by input, so elements differ; invariants do not: same support size on average
@@ -108,6 +126,45 @@ def test_input_order_does_not_matter(info: MethodInfo) -> None:
         assert abs(int((a != 0).sum()) - int((b != 0).sum())) <= SHAPE[0] * SHAPE[1] // 2
     else:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def draw_case(data: st.DataObject, info: MethodInfo) -> tuple[torch.Tensor, torch.Tensor, Any, int]:
+    """Generated deltas ``[n, *SHAPE]``, positive weights, parameters (density, mode, k where the method has
+    them; defaults otherwise) and a seed, for ``info``."""
+    n = data.draw(st.integers(info.min_inputs, min(info.max_inputs or 4, 4)), label="n")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    deltas = torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed)) * 0.05
+    weights = torch.tensor(data.draw(st.lists(st.floats(0.1, 2.0), min_size=n, max_size=n), label="weights"))
+    values: dict[str, Any] = {}
+    if has_field(info, "density"):
+        values["density"] = data.draw(st.sampled_from([0.3, 0.6, 0.8, 1.0]), label="density")
+    if has_field(info, "mode"):
+        values["mode"] = data.draw(st.sampled_from(["paper", "mergekit"]), label="mode")
+    if has_field(info, "k"):
+        values["k"] = data.draw(st.integers(1, n), label="k")
+    return deltas, weights, info.make_params(values), seed
+
+
+@pytest.mark.parametrize("info", WEIGHTED, ids=[m.name for m in WEIGHTED])
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_zero_weights_return_the_base(info: MethodInfo, data: st.DataObject) -> None:
+    """Every input at weight 0 merges to Δ = 0, so the output is the base (methods in WEIGHTLESS excepted)."""
+    deltas, weights, params, seed = draw_case(data, info)
+    out = info.fn(make_job(info, deltas, torch.zeros_like(weights), seed), params)
+    assert torch.equal(out, torch.zeros(SHAPE))
+
+
+@pytest.mark.parametrize("info", DETERMINISTIC_UNORDERED, ids=[m.name for m in DETERMINISTIC_UNORDERED])
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_input_order_does_not_matter_generated(info: MethodInfo, data: st.DataObject) -> None:
+    """Any permutation of the inputs (with their weights and stats) gives the same merge, up to fp32 rounding of
+    sums taken in another order. Randomised methods draw input by input (see the fixed-example test above)."""
+    deltas, weights, params, seed = draw_case(data, info)
+    perm = data.draw(st.permutations(range(deltas.shape[0])), label="perm")
+    job = make_job(info, deltas, weights, seed)
+    torch.testing.assert_close(info.fn(permuted(job, perm), params), info.fn(job, params), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("info", METHODS, ids=IDS)

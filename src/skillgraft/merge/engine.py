@@ -162,6 +162,12 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
     base = Checkpoint(config.base, opts.allow_pickle)
     sources: list[DeltaSource] = []
     try:
+        num_layers = _num_layers(base)
+        check_plan = getattr(params, "check_plan", None)  # checks that need the inputs or the model's size
+        if check_plan is not None:
+            check_plan(len(config.inputs), num_layers)
+        # A method that takes each tensor from one input (layer_swap) names it; only that input is read.
+        supplier = getattr(params, "supplier", None)
         shapes = {n: base.shape(n) for n in base.names()}
         fp = None
         for ref in refs:
@@ -176,16 +182,26 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
             in_dtype = base.dtype(name)
             out_dtype = TORCH_DTYPES[config.out_dtype] if config.out_dtype and in_dtype.is_floating_point else in_dtype
             users = tuple(i for i, s in enumerate(sources) if name in s.names())
+            if supplier is not None:
+                users = tuple(i for i in users if i == supplier(_layer(name)))
             tensors.append(TensorPlan(name, shapes[name], in_dtype, out_dtype, users))
     except BaseException:
         for s in sources:
             s.close()
         base.close()
         raise
-    cfg = base.config
-    num_layers = cfg.get("num_hidden_layers") or cfg.get("n_layer")
     seed = config.seed if opts.seed is None else opts.seed
     return MergePlan(config, info, params, base, sources, tensors, num_layers, seed)
+
+
+def _num_layers(base: Checkpoint) -> int | None:
+    """The number of transformer blocks: config.json's ``num_hidden_layers`` / ``n_layer``, else one more than the
+    highest block index in the tensor names (None when no name has one)."""
+    n = base.config.get("num_hidden_layers") or base.config.get("n_layer")
+    if isinstance(n, int) and n > 0:
+        return n
+    layers = [i for i in map(_layer, base.names()) if i is not None]
+    return max(layers) + 1 if layers else None
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -405,14 +421,16 @@ def run_merge(
     total = sum(t.out_bytes for t in plan.tensors)
     step = _SliceSteps(plan, thresholds, out) if _sliced(plan, opts) else _TensorSteps(plan, thresholds, out)
     writer = WriteBehind(step.sink)
-    done_bytes, merged = 0, 0
+    done_bytes, merged, done = 0, 0, 0
     gc_was_on = gc.isenabled()
     gc.disable()  # the loop makes few objects and no cycles; collections only cost time (≈ 2 % of a fast merge)
     try:
         for item in prefetch(step.read(), depth=step.depth):
             merged += step.merge(item, writer)
             done_bytes += item.plan.out_bytes
+            done += 1
             progress("merge [bytes]", done_bytes, total)
+            progress("merge: tensors", done, len(plan.tensors))
         writer.close()
         details = out.finish()
     except BaseException:

@@ -1,7 +1,9 @@
 """The merge-method registry: ``@merge_method`` turns a pure function into a registered, typed method.
 
 A method is ``fn(job: TensorJob, params: P) -> Tensor`` where ``P`` is a frozen dataclass of its parameters
-(validated in ``__post_init__``) and the returned tensor is the merged *delta* for ``job.name``.
+(validated in ``__post_init__``) and the returned tensor is the merged *delta* for ``job.name``. ``P`` may define
+``check_plan(n_inputs, num_layers)`` for checks that need the merge's input count or the model's block count (run
+by ``plan_merge`` before any tensor is read) and ``supplier(layer) -> int`` when each tensor comes from one input.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ one tensor at a time (a LoRA's ΔW = B·A·scale is formed per module, never A a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,15 +119,19 @@ class SourceRef:
 
 
 def detect(ref: str, library: Path | None = None) -> SourceRef:
-    """Classify an input: a directory with adapter_config.json is a LoRA, another directory a checkpoint,
-    anything else a skill pack path or library reference."""
+    """Classify an input: a directory with adapter_config.json is a LoRA, another directory a checkpoint, an
+    existing file a skill pack. Anything else is a library reference (``name``, ``name@3``) unless it looks like a
+    path (a path separator, or ending in ``.skill``): then it is a path that does not exist."""
     p = Path(ref)
     if p.is_dir():
         return SourceRef(ref, "lora" if (p / "adapter_config.json").exists() else "checkpoint")
-    if p.exists() or ref.endswith(".skill"):
-        if not p.exists():
-            raise NotFoundError(f"{ref}: no such skill pack")
+    if p.exists():
         return SourceRef(ref, "skill")
+    if ref.endswith(".skill") or "/" in ref or os.sep in ref:
+        raise NotFoundError(
+            f"{ref}: no such {'skill pack' if ref.endswith('.skill') else 'file or directory'}",
+            hint="a relative input path is looked up next to the config file, then in the current directory",
+        )
     from skillgraft.library import Library
 
     Library(library).get(ref)  # raises NotFoundError with a "did you mean" hint
@@ -152,13 +157,12 @@ def check_source_fits(src: DeltaSource, shapes: dict[str, tuple[int, ...]]) -> N
             f"input {src.label} lacks {len(missing)} tensor(s) of the base, e.g. {missing[0]!r}",
             hint="inputs must be fine-tunes of the same base architecture (and tie embeddings alike)",
         )
+    same_arch = "inputs must be fine-tunes of the same base architecture"
     for name in sorted(src.names()):
         if name not in shapes:
-            raise MismatchError(
-                f"input {src.label} changes {name!r}, which the base does not have",
-                hint="inputs must be fine-tunes of the same base architecture",
-            )
+            raise MismatchError(f"input {src.label} changes {name!r}, which the base does not have", hint=same_arch)
         if tuple(src.shape(name)) != tuple(shapes[name]):
             got, want = list(src.shape(name)), list(shapes[name])
-            hint = "vocabulary resized? merge inputs must share the base's vocabulary" if got[1:] == want[1:] else None
+            vocab = "vocabulary resized? merge inputs must share the base's vocabulary"
+            hint = vocab if got[1:] == want[1:] else same_arch
             raise MismatchError(f"input {src.label}: {name!r} has shape {got}, the base's is {want}", hint=hint)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from skillgraft.errors import InputError
 from skillgraft.merge import steps
 from skillgraft.merge.methods import family
 from skillgraft.merge.registry import TensorJob, merge_method
@@ -26,6 +27,12 @@ class BreadcrumbsParams:
     def __post_init__(self) -> None:
         family.check_density("breadcrumbs", self.density)
         family.check_number("breadcrumbs", "gamma", self.gamma, 0.0, 1.0)
+        if self.density < 1 and self.density + self.gamma > 1 + 1e-9:
+            raise InputError(
+                f"breadcrumbs: density {self.density} + gamma {self.gamma} > 1: cannot keep {self.density:.0%} of "
+                f"the entries after dropping the largest {self.gamma:.0%} as outliers",
+                hint=f"set gamma ≤ 1 − density ({1 - self.density:.3g}), or density 1 to turn the mask off",
+            )
         family.check_number("breadcrumbs", "lambda", self.lambda_)
         family.check_mode("breadcrumbs", self.mode)
         family.check_optional_bool("breadcrumbs", "rescale", self.rescale)
@@ -47,7 +54,8 @@ def crumbs(job: TensorJob, p: BreadcrumbsParams) -> torch.Tensor:
 _SHARED_DOC = """
     Mask per tensor and input: with n = numel, drop the ``int(gamma·n)`` largest |Δᵢ| (outliers) and the smallest,
     keeping ``int(density·n)`` entries (ascending ranks ``[n_bot, n_bot + int(density·n))``, ``n_bot = max(0,
-    n − int(density·n) − int(gamma·n))``: when both cannot be honoured fewer outliers are dropped). Ties broken by
+    n − int(density·n) − int(gamma·n))``). density + gamma > 1 (with density < 1) is refused: the kept and the
+    dropped fractions cannot both be honoured (mergekit silently drops fewer outliers). Ties broken by
     ``torch.sort`` of |Δ|, as mergekit. No rescale by default (``rescale: true`` keeps each Δᵢ's L1 norm, as
     mergekit's option).
     **mode**: paper and mergekit give the same numbers here. REFERENCES records a mergekit bug zeroing the whole

@@ -26,6 +26,15 @@ class ConsensusParams:
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise InputError(f"consensus: k must be an integer ≥ 1, not {self.k!r}")
 
+    def check_plan(self, n_inputs: int, num_layers: int | None) -> None:
+        """k tasks must be able to agree: with k > the number of inputs the merge would return the base."""
+        if self.k > n_inputs:
+            raise InputError(
+                f"consensus: k = {self.k} but there are {n_inputs} inputs, so no entry could reach consensus "
+                "(the merge would return the base)",
+                hint=f"set k between 1 and {n_inputs}",
+            )
+
 
 def tall_masks(task_vectors: torch.Tensor, mask_lambda: float) -> torch.Tensor:
     """TALL masks ``[n, *shape]``: mᵢ = |τᵢ| ≥ λ·|τ_MTL − τᵢ| with τ_MTL = Σⱼ τⱼ (0/1 fp32)."""
@@ -41,8 +50,9 @@ def consensus(job: TensorJob, p: ConsensusParams) -> torch.Tensor:
     only one task relies on ("selfish") and entries no task relies on ("catastrophic") are dropped. Masks use the
     weighted task vectors (weights 1 give the paper). No trimming, sign election or rescale.
     Defaults mask_lambda 0.6 (the paper tunes it per task in [0.2, 0.6]; one value for all tasks here), k 2, λ 1.
-    Edge cases: one input with k ≥ 2 → 0 everywhere (no entry can reach consensus; set k 1 to keep Δ₁); all-zero
-    deltas → 0; an entry where all τᵢ are 0 has mᵢ = 1 but contributes 0. Compute dtype fp32.
+    Edge cases: k > the number of inputs is refused before any tensor is read (no entry could reach consensus, so
+    the merge would be the base; one input needs k 1, which keeps Δ₁); all-zero deltas → 0; an entry where all
+    τᵢ are 0 has mᵢ = 1 but contributes 0. Compute dtype fp32.
     Reference: Wang et al. 2024, "Localizing Task Information for Improved Model Merging and Compression"
     (ICML; arXiv:2405.07813).
     """

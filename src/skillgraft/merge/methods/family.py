@@ -23,7 +23,10 @@ def check_mode(method: str, mode: Any) -> None:
 
 def check_density(method: str, density: Any) -> None:
     if not _is_number(density) or not 0 < density <= 1:
-        raise InputError(f"{method}: density must be a number in (0, 1], not {density!r}")
+        raise InputError(
+            f"{method}: density must be a number in (0, 1], not {density!r}",
+            hint="density is the fraction of each input's entries kept (e.g. 0.2); 1 keeps them all",
+        )
 
 
 def check_number(method: str, key: str, value: Any, lo: float | None = None, hi: float | None = None) -> None:

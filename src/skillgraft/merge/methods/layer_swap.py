@@ -32,6 +32,32 @@ class LayerSwapParams:
                 raise InputError(f"layer_swap: layer ranges [{s0}, {e0}) and [{s1}, {e1}) overlap")
         object.__setattr__(self, "ranges", parsed)
 
+    def check_plan(self, n_inputs: int, num_layers: int | None) -> None:
+        """Every index names an input and every range lies within the model's blocks."""
+        hint = f"inputs are numbered from 0 to {n_inputs - 1}, in config order"
+        if self.default >= n_inputs:
+            raise InputError(f"layer_swap: default is input {self.default}, but there are {n_inputs} inputs", hint=hint)
+        for start, end, idx in self.ranges:
+            if idx >= n_inputs:
+                raise InputError(
+                    f"layer_swap: range [{start}, {end}) takes input {idx}, but there are {n_inputs} inputs", hint=hint
+                )
+            if num_layers is None:
+                raise InputError(
+                    "layer_swap: the base's block count is unknown (no num_hidden_layers / n_layer in config.json, "
+                    "no numbered blocks in its tensor names)",
+                    hint="layer ranges need a model with numbered transformer blocks",
+                )
+            if end > num_layers:
+                raise InputError(
+                    f"layer_swap: layer range [{start}, {end}) goes past the model's {num_layers} layers",
+                    hint=f"ranges are [start, end) with end ≤ {num_layers} (blocks 0 to {num_layers - 1})",
+                )
+
+    def supplier(self, layer: int | None) -> int:
+        """The input that supplies a tensor of block ``layer``."""
+        return source_input(layer, self.ranges, self.default)
+
 
 def _is_index(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
@@ -69,12 +95,13 @@ def layer_swap(job: TensorJob, p: LayerSwapParams) -> torch.Tensor:
     ``ranges`` is a list of ``{layers: [start, end], input: i}``; ``[start, end)`` is half-open (end excluded, as
     mergekit's ``layer_range``), 0-based block indices, no overlaps. Tensors outside any range or outside the block
     stack (embeddings, final norm, lm_head: ``job.layer`` is None) take input ``default`` (0). User weights are
-    ignored: the chosen Δ is copied unchanged. Edge cases: one input with default 0 → Δ₁; all-zero deltas → 0;
-    an input index ≥ the number of inputs is an error. Order matters (indices name inputs). Compute dtype fp32.
+    ignored: the chosen Δ is copied unchanged, and only that input is read for the tensor. Edge cases: one input
+    with default 0 → Δ₁; all-zero deltas → 0. Refused before any tensor is read: an input index ≥ the number of
+    inputs, and a range ending past the model's block count (config.json's ``num_hidden_layers`` / ``n_layer``, else
+    the highest block index in the tensor names + 1). Order matters (indices name inputs). Compute dtype fp32.
     Reference: Bandarkar et al. 2024, "Layer Swapping for Zero-Shot Cross-Lingual Transfer" (arXiv:2410.01335).
     """
-    ranges: tuple[tuple[int, int, int], ...] = p.ranges
-    idx = source_input(job.layer, ranges, p.default)
-    if idx >= job.n:
+    idx = p.supplier(job.layer)
+    if idx >= job.n:  # plan_merge refuses this; kept for direct callers
         raise InputError(f"layer_swap: input index {idx} but only {job.n} inputs")
     return job.deltas[idx].clone()
