@@ -2,7 +2,8 @@
 
 The public API: :func:`extract`, :func:`apply` / :func:`unapply` (in place), :func:`apply_to_checkpoint`,
 :class:`SkillPack`, :class:`Checkpoint`, :class:`~skillgraft.library.Library`, :func:`import_lora`,
-:func:`export_lora`. Names are imported lazily so ``skillgraft --help`` does not pay for torch.
+:func:`export_lora`, and :func:`merge` (``skillgraft.merge(config, out)``; ``skillgraft.merge`` is also the merging
+package). Names are imported lazily so ``skillgraft --help`` does not pay for torch.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def __getattr__(name: str):
+    if name == "merge":  # the package, which is callable: skillgraft.merge(config, out)
+        return importlib.import_module("skillgraft.merge")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'skillgraft' has no attribute {name!r}")

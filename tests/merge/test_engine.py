@@ -69,7 +69,7 @@ def test_single_input_weight_one_reproduces_it(family, tmp_path):
     assert torch.equal(logits(load(tmp_path / "out")), logits(load(ft1)))
 
 
-def test_out_formats_skill_and_lora(family, tmp_path):
+def test_out_formats_skill_and_lora(family, tmp_path, capsys):
     base, ft1, ft2 = family
     cfg = from_dict({"base": str(base), "method": "linear", "inputs": [str(ft1), str(ft2)]})
     merge(cfg, MergeOptions(out=tmp_path / "hf"))
@@ -81,6 +81,12 @@ def test_out_formats_skill_and_lora(family, tmp_path):
     res = merge(cfg, MergeOptions(out=tmp_path / "lora", out_format="lora", rank=8))
     assert (tmp_path / "lora" / "adapter_config.json").exists()
     assert 0 < res.details["max_rel_error"] < 1 and res.details["dropped"]  # norms cannot be a LoRA
+    # the CLI reports the truncation error without --json
+    p = _write(tmp_path, {"base": str(base), "method": "linear", "inputs": [str(ft1), str(ft2)]})
+    assert main(["merge", str(p), "-o", str(tmp_path / "lora2"), "--out-format", "lora", "--rank", "8"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"largest relative error of the truncated SVD {res.details['max_rel_error']:.3g}" in out
+    assert f"dropped (no LoRA holds them): {len(res.details['dropped'])} tensors" in out
 
 
 def test_dry_run_reads_no_weights(family, tmp_path, capsys, monkeypatch):
@@ -309,3 +315,28 @@ def test_slice_path_equals_whole_tensor_path(family, tmp_path, monkeypatch, meth
         assert torch.equal(a[n], b[n]), n
         changed += not torch.equal(a[n], _state(base)[n])
     assert changed > 0
+
+
+def test_public_api_merge_is_callable_with_a_dict_or_a_yaml_file(family, tmp_path):
+    """``skillgraft.merge(config, out)``: the package is callable; a dict and a YAML file give the same model,
+    equal to θ₀ + Σ wᵢΔᵢ; a bad config raises before anything is written."""
+    import skillgraft
+    import skillgraft.merge.engine  # noqa: F401  (importing a submodule must not shadow the callable)
+    from skillgraft.errors import InputError
+
+    base, ft1, ft2 = family
+    cfg = {"base": str(base), "method": "task_arithmetic", "inputs": [{"source": str(ft1), "weight": 0.7}]}
+    events: list[tuple[str, int, int]] = []
+    res = skillgraft.merge(cfg, tmp_path / "a", progress=lambda *e: events.append(e))
+    assert res.merged == res.tensors and res.out == tmp_path / "a"
+    counted = [e for e in events if e[0] == "merge: tensors"]  # the bar's tensors/s
+    assert [e[1] for e in counted] == list(range(1, res.tensors + 1)) and counted[-1][2] == res.tensors
+    skillgraft.merge(_write(tmp_path, cfg), tmp_path / "b", out_format="hf")
+    b, t1, a, y = _state(base), _state(ft1), _state(tmp_path / "a"), _state(tmp_path / "b")
+    for n in b:
+        assert torch.equal(a[n], y[n]), n
+        expected = b[n].float() + 0.7 * (t1[n].float() - b[n].float())
+        torch.testing.assert_close(a[n].float(), expected.to(a[n].dtype).float())
+    with pytest.raises(InputError, match="density"):
+        skillgraft.merge({**cfg, "method": "ties", "parameters": {"density": 1.5}}, tmp_path / "c")
+    assert not (tmp_path / "c").exists() and leftovers(tmp_path) == []

@@ -60,6 +60,13 @@ def merge(
             f"wrote {res.out} ({res.out_format}): {res.method} merged {res.merged} of {res.tensors} "
             f"tensors in {res.seconds:.1f} s ({res.bytes_read / res.seconds / 1e9:.2f} GB/s read)"
         )
+        if res.out_format == "lora":
+            d = res.details
+            dropped = f"; dropped (no LoRA holds them): {len(d['dropped'])} tensors" if d["dropped"] else ""
+            console.print(
+                f"LoRA rank {d['rank']} on {d['modules']} modules: largest relative error of the truncated SVD "
+                f"{d['max_rel_error']:.3g} (‖ΔW − BA‖ / ‖ΔW‖){dropped}"
+            )
 
 
 def _show_plan(plan: dict, as_json: bool) -> None:

@@ -23,13 +23,14 @@ from skillgraft.progress import ProgressFn, no_progress
 
 
 class _Count(ProgressColumn):
-    """n/N for counted phases; bytes done and throughput (GB/s) for byte phases."""
+    """n/N and items/s for counted phases; bytes done and throughput (GB/s) for byte phases."""
 
     def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed or 0.0
         if task.fields.get("unit"):
-            speed = task.finished_speed or task.speed or 0.0
             return Text(f"{task.completed / 1e9:.2f}/{(task.total or 0) / 1e9:.2f} GB  {speed / 1e9:.2f} GB/s")
-        return Text(f"{int(task.completed)}/{int(task.total or 0)}")
+        rate = f"  {speed:.1f}/s" if speed else ""
+        return Text(f"{int(task.completed)}/{int(task.total or 0)}{rate}")
 
 
 @contextlib.contextmanager
