@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast test-mergekit lint bench clean
 
 $(BIN)/skillgraft: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,19 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow" tests
+
+# Differential tests against mergekit run live: mergekit gets its own venv (never skillgraft's; torch pinned first
+# for the CPU build). Regenerate the golden files with tests/merge/make_mergekit_e2e.py (see docs/merging.md).
+MK_VENV ?= /tmp/mkvenv
+
+$(MK_VENV)/bin/mergekit-yaml:
+	$(PY) -m venv $(MK_VENV)
+	$(MK_VENV)/bin/pip install -q torch==2.13.0
+	$(MK_VENV)/bin/pip install -q mergekit==0.1.5
+
+test-mergekit: setup $(MK_VENV)/bin/mergekit-yaml
+	SKILLGRAFT_MERGEKIT_PY=$(MK_VENV)/bin/python $(BIN)/pytest -q tests/merge/test_mergekit_e2e.py \
+		tests/merge/test_mergekit_parity.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

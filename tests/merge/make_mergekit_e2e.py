@@ -1,0 +1,195 @@
+"""Inputs and golden outputs of the end-to-end differential test against mergekit (test_mergekit_e2e.py).
+
+A tiny Llama (tied embeddings, bf16) and two fine-tunes of it are generated from a seed, tensor by tensor, with
+the synthetic recipe of benchmarks/merge_vs_mergekit.py; mergekit YAMLs for five methods are merged by
+mergekit 0.1.5 itself and its output tensors stored in data/mergekit_e2e/ (a few hundred KB). The inputs are not
+committed: the test regenerates them and checks their digest against the one recorded here.
+
+Regenerate (mergekit lives in its own venv, never in skillgraft's)::
+
+    python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install torch==2.13.0 mergekit==0.1.5
+    .venv/bin/python tests/merge/make_mergekit_e2e.py --mergekit-py /tmp/mkvenv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).resolve().parent / "data" / "mergekit_e2e"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from extract_apply import synthetic_delta  # noqa: E402
+from merge_vs_mergekit import WEIGHTS, _base_tensor  # noqa: E402
+
+# ~33k parameters: every output is 66 KB of bf16. The smallest tensors (norms) have 32 entries, so the
+# breadcrumbs gamma below drops int(0.05·32) = 1 outlier there (gamma·numel ≥ 1 everywhere). Spelled out rather
+# than taken from conftest.llama_config: the committed golden outputs must not move when shared fixtures change.
+CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=64,
+    tie_word_embeddings=True,
+)
+SEED = 0
+# ‖Δ‖/‖W‖ of each fine-tune. ft_a's deltas are a few bf16 steps, so many |Δ| are equal and TIES' k-th magnitude
+# is nonzero (tie-breaking of the sort matters); most of ft_b's round to 0 (its k-th magnitude is 0).
+RELS = {"ft_a": 0.02, "ft_b": 0.002}
+NOISE = 0.2
+MK_FLAGS = ["--lazy-unpickle", "--no-write-model-card", "--random-seed", "0"]
+# name: (merge_method, per-model parameters besides weight, top-level parameters, the base's weight when it is
+# also listed among the models)
+CASES: dict[str, tuple[str, dict, dict, float | None]] = {
+    "task_arithmetic": ("task_arithmetic", {}, {"lambda": 0.9}, None),
+    "linear": ("linear", {}, {}, None),
+    "ties": ("ties", {"density": 0.5}, {"normalize": True}, None),
+    "breadcrumbs": ("breadcrumbs", {"density": 0.6, "gamma": 0.05}, {}, None),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.05}, {}, None),
+    # mergekit's linear averages every listed model, base_model included (a known difference, see the test)
+    "linear_base_listed": ("linear", {}, {}, 0.2),
+}
+
+
+def layout() -> tuple[dict, list[tuple[str, tuple[int, ...]]]]:
+    """The config.json dict and the (name, shape) list a tied-embedding LlamaForCausalLM saves."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**CONFIG, dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]  # mergekit picks its architecture table from this
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return config.to_dict(), [(n, tuple(t.shape)) for n, t in model.state_dict().items() if n != "lm_head.weight"]
+
+
+def write_inputs(root: Path) -> dict[str, Path]:
+    """base, ft_a and ft_b under ``root`` (bf16 ``model.safetensors`` + ``config.json``); same bytes every run."""
+    cfg, names = layout()
+    tensors: dict[str, dict[str, torch.Tensor]] = {"base": {}, **{k: {} for k in RELS}}
+    for name, shape in names:
+        w = _base_tensor(name, shape, SEED)
+        tensors["base"][name] = w
+        for k, (model, rel) in enumerate(RELS.items()):  # seeds as in merge_vs_mergekit.child_generate
+            d = synthetic_delta(name, w, rel, NOISE, 1000 * (SEED + 1) + k)
+            tensors[model][name] = (w.float() + d).to(torch.bfloat16)
+    dirs = {}
+    for model, state in tensors.items():
+        d = dirs[model] = root / model
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return dirs
+
+
+def digest(dirs: dict[str, Path]) -> str:
+    """sha256 over every input tensor (name, dtype, shape, raw bytes), independent of file layout."""
+    h = hashlib.sha256()
+    for model in sorted(dirs):
+        for name, t in sorted(load(dirs[model]).items()):
+            h.update(f"{model}/{name}/{t.dtype}/{list(t.shape)}".encode())
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file or of all the ``*.safetensors`` in a directory."""
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    out = {}
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def mergekit_yaml(case: str) -> str:
+    """The mergekit YAML of one case; model paths are relative (mergekit: to its cwd; skillgraft: to the file)."""
+    method, per_model, params, base_weight = CASES[case]
+    models = [("./base", base_weight)] if base_weight is not None else []
+    models += [(f"./{m}", w) for m, w in zip(RELS, WEIGHTS)]
+    cfg: dict = {
+        "merge_method": method,
+        "base_model": "./base",
+        "models": [{"model": m, "parameters": {"weight": w, **per_model}} for m, w in models],
+    }
+    if method == "linear" and base_weight is None:  # mergekit's linear needs a weight for base_model too
+        del cfg["base_model"]
+    if params:
+        cfg["parameters"] = params
+    cfg.update(dtype="float32", out_dtype="bfloat16")
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def run_mergekit(python: str, cfg: Path, out: Path) -> None:
+    """``mergekit-yaml CFG OUT`` with ``python``'s mergekit, in ``cfg``'s directory (its paths are relative)."""
+    cmd = [
+        python,
+        "-c",
+        "import sys; from mergekit.scripts.run_yaml import main; sys.exit(main())",
+        str(cfg),
+        str(out),
+        *MK_FLAGS,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    res = subprocess.run(cmd, cwd=cfg.parent, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"mergekit failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
+
+
+def versions(python: str) -> dict[str, str]:
+    code = (
+        "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in ('mergekit', 'torch', "
+        "'transformers')}))"
+    )
+    return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--mergekit-py",
+        default=os.environ.get("SKILLGRAFT_MERGEKIT_PY", "/tmp/mkvenv/bin/python"),
+        help="a python with mergekit 0.1.5 (default $SKILLGRAFT_MERGEKIT_PY or /tmp/mkvenv/bin/python)",
+    )
+    a = p.parse_args(argv)
+    DATA.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        dirs = write_inputs(root)
+        n_params = sum(t.numel() for t in load(dirs["base"]).values())
+        for case in CASES:
+            text = mergekit_yaml(case)
+            (root / f"{case}.yaml").write_text(text)
+            run_mergekit(a.mergekit_py, root / f"{case}.yaml", root / f"out-{case}")
+            save_file(load(root / f"out-{case}"), str(DATA / f"{case}.safetensors"), metadata={"format": "pt"})
+            (DATA / f"{case}.yaml").write_text(text)
+            print(f"{case}: {(DATA / f'{case}.safetensors').stat().st_size} bytes")
+        meta = {
+            "versions": versions(a.mergekit_py),
+            "date": time.strftime("%Y-%m-%d"),
+            "command": f"mergekit-yaml CASE.yaml OUT {' '.join(MK_FLAGS)}",
+            "params": n_params,
+            "inputs_sha256": digest(dirs),
+            "recipe": {"config": CONFIG, "seed": SEED, "rels": RELS, "noise": NOISE, "weights": WEIGHTS},
+        }
+        (DATA / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"wrote {DATA} ({n_params} parameters per model)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
