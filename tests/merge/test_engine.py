@@ -105,6 +105,30 @@ def test_dry_run_reads_no_weights(family, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_with_a_skill_pack_reads_no_weights(family, tmp_path, capsys, monkeypatch):
+    """A skill pack's base fingerprint hashes every base weight: a dry run skips it and says so."""
+    base, ft1, ft2 = family
+    skill = extract(ExtractSpec(base=base, tuned=ft2, out=tmp_path / "ft2.skill", rank=2)).path
+    p = _write(tmp_path, {"base": str(base), "method": "ties", "inputs": [str(ft1), str(skill)]})
+    from skillgraft.io import safetensors_file
+    from skillgraft.skill import fingerprint
+
+    def boom(*args, **kwargs):
+        raise AssertionError("dry run read a tensor")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors_file.MappedFile, "get", boom)
+        m.setattr(fingerprint, "fingerprint_checkpoint", boom)
+        m.setattr("skillgraft.merge.engine.fingerprint_checkpoint", boom)
+        assert main(["merge", str(p), "-o", str(tmp_path / "out"), "--dry-run", "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        assert plan["fingerprints_not_checked"] == [plan["inputs"][1]["source"]]
+        assert main(["merge", str(p), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
+        assert "Not checked: that" in " ".join(capsys.readouterr().out.split())
+    assert main(["merge", str(p), "-o", str(tmp_path / "out")]) == 0  # the real run checks it (and fits)
+    assert not tmp_path.joinpath("out").joinpath("x").exists()
+
+
 def test_gpt2_merge_loads_and_generates(tmp_path):
     m = build(gpt2_config())
     base = save(m, tmp_path / "base")

@@ -223,3 +223,18 @@ def test_lora_input_merges_like_peft(case, llama_pair, gpt2_pair, tmp_path):
             assert set(c.names()) == set(base_sd)
             for n, b in base_sd.items():
                 torch.testing.assert_close(c.get(n), b + weight * delta[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_mergekit_linear_base_model_must_be_listed():
+    """mergekit's linear averages every model: a base_model that is listed keeps its weight (Δ = 0), one that is
+    not listed is refused (mergekit refuses it too: it has no weight)."""
+    from skillgraft.errors import InputError
+    from skillgraft.merge.config import from_dict
+
+    models = [{"model": "./a", "parameters": {"weight": 0.6}}, {"model": "./b", "parameters": {"weight": 0.4}}]
+    cfg = from_dict({"merge_method": "linear", "base_model": "./a", "models": models})
+    assert [(i.source, i.weight) for i in cfg.inputs] == [("./a", 0.6), ("./b", 0.4)]
+    ties = from_dict({"merge_method": "ties", "base_model": "./a", "models": models, "parameters": {"density": 0.5}})
+    assert [i.source for i in ties.inputs] == ["./b"]  # other methods leave the base out
+    with pytest.raises(InputError, match="base_model is not among 'models'"):
+        from_dict({"merge_method": "linear", "base_model": "./base", "models": models})

@@ -7,14 +7,12 @@ itself on the same inputs; they are opt-in (``make test-mergekit`` or ``SKILLGRA
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import mergekit_python
 from make_mergekit_e2e import CASES, DATA, digest, load, run_mergekit, write_inputs
 
 from skillgraft.cli.main import main
@@ -35,19 +33,7 @@ MAX_ULPS = {
     "linear_base_listed": 1,
 }
 # Differences from mergekit found by these tests and not fixed yet; strict, so a fix shows up as a failure here.
-KNOWN = {
-    "linear_base_listed": "a mergekit linear YAML whose models list base_model with a weight averages the base in "
-    "(Σ wᵢθᵢ / Σ wᵢ over all listed models); merge/config.py drops base_model from the models, so the base's "
-    "weight is lost (46% of elements identical)",
-}
-PARAMS = [pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN[c], strict=True)) if c in KNOWN else c for c in CASES]
-
-
-def _mergekit_python() -> str | None:
-    """The python the live tests run mergekit with: $SKILLGRAFT_MERGEKIT_PY, else this one if it has mergekit."""
-    if py := os.environ.get("SKILLGRAFT_MERGEKIT_PY"):
-        return py
-    return sys.executable if importlib.util.find_spec("mergekit") else None
+PARAMS = list(CASES)
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +96,12 @@ def test_matches_committed_mergekit_output(inputs, case):
 
 
 @pytest.mark.slow
+@pytest.mark.live_mergekit  # deselected (not skipped) where no mergekit python exists: see tests/conftest.py
 @pytest.mark.parametrize("case", PARAMS)
 def test_live_mergekit(inputs, case, tmp_path):
     """mergekit itself on the same YAML and inputs (opt-in; a broken mergekit python fails, it is not skipped)."""
-    python = _mergekit_python()
-    if python is None:
-        pytest.skip(
-            "live mergekit check is opt-in: `make test-mergekit`, or SKILLGRAFT_MERGEKIT_PY=<python with "
-            "mergekit 0.1.5>"
-        )
+    python = mergekit_python()
+    assert python is not None
     cfg = inputs / f"live-{case}.yaml"  # in the inputs' directory: mergekit resolves paths against its cwd
     cfg.write_text((DATA / f"{case}.yaml").read_text())
     run_mergekit(python, cfg, tmp_path / "mergekit")

@@ -43,6 +43,7 @@ def merge(
         seed=seed,
         library=library,
         allow_pickle=allow_pickle,
+        dry_run=dry_run,
     )
     plan = plan_merge(cfg, opts)
     try:
@@ -86,5 +87,10 @@ def _show_plan(plan: dict, as_json: bool) -> None:
     console.print(table)
     console.print(
         f"{plan['merged_tensors']} of {plan['total_tensors']} tensors merged; expected output "
-        f"{plan['expected_output_bytes']:,} bytes. Nothing was read or written (--dry-run)."
+        f"{plan['expected_output_bytes']:,} bytes. No weights were read, nothing was written (--dry-run)."
     )
+    if plan["fingerprints_not_checked"]:
+        console.print(
+            f"Not checked: that {', '.join(plan['fingerprints_not_checked'])} were made for this base (the fingerprint "
+            "hashes every base weight); the merge checks it before writing anything."
+        )

@@ -170,7 +170,16 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
     if not isinstance(models, list) or not all(isinstance(m, dict) and "model" in m for m in models):
         raise InputError("mergekit config: 'models' must be a list of mappings with a 'model' key")
     base = d.get("base_model")
-    entries = [m for m in models if not (base and str(m["model"]) == str(base) and method != "slerp")]
+    # mergekit's linear averages every listed model, base_model included (its Δ is 0 but its weight counts in the
+    # normalizer), so a listed base stays an input; the other methods leave base_model out of their inputs.
+    keep_base = method in ("slerp", "linear")
+    entries = [m for m in models if not (base and str(m["model"]) == str(base) and not keep_base)]
+    if base is not None and method == "linear" and not any(str(m["model"]) == str(base) for m in models):
+        raise InputError(
+            "mergekit config: linear averages every model, and base_model is not among 'models' (mergekit "
+            "refuses this: it needs a weight for it)",
+            hint="list base_model under 'models' with a weight, or drop 'base_model'",
+        )
     if base is None:  # mergekit's linear needs no base: the first model serves (Δ₁ = 0), result unchanged
         if method != "linear" or not models:
             raise InputError(f"mergekit config: {d['merge_method']} needs a base_model")

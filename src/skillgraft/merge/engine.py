@@ -47,6 +47,8 @@ class MergeOptions:
     seed: int | None = None  # overrides the config's seed
     library: Path | None = None
     allow_pickle: bool = False
+    # --dry-run: read no weights, so skill packs' base fingerprints (a hash of every base weight) go unchecked
+    dry_run: bool = False
     max_shard_bytes: int = 2 * 1024**3
 
 
@@ -78,6 +80,7 @@ class MergePlan:
     seed: int
     stats: list[Any] = field(default_factory=list)  # per input: LazyStats (get(name) -> Tensor | None)
     stats_dir: Any = None
+    unchecked_fingerprints: tuple[str, ...] = ()  # skill inputs whose base fingerprint a dry run did not check
 
     @property
     def out_bytes(self) -> int:
@@ -109,6 +112,7 @@ class MergePlan:
             "merged_tensors": sum(1 for t in self.tensors if t.users),
             "total_tensors": len(self.tensors),
             "expected_output_bytes": self.out_bytes,
+            "fingerprints_not_checked": list(self.unchecked_fingerprints),
         }
 
     def close(self) -> None:
@@ -170,12 +174,16 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
         supplier = getattr(params, "supplier", None)
         shapes = {n: base.shape(n) for n in base.names()}
         fp = None
+        unchecked: list[str] = []
         for ref in refs:
             src = open_source(ref, opts.library, opts.allow_pickle)
             sources.append(src)
             check_source_fits(src, shapes)
             if src.kind == "skill" and not opts.force and src.pack.manifest.base.fingerprint:  # type: ignore[attr-defined]
-                fp = fp or fingerprint_checkpoint(base).content
+                if opts.dry_run:
+                    unchecked.append(src.label)  # names and shapes are still checked below
+                else:
+                    fp = fp or fingerprint_checkpoint(base).content
                 check_fit(src.pack, shapes, fp, opts.force)  # type: ignore[attr-defined]
         tensors = []
         for name in base.names():
@@ -191,7 +199,9 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
         base.close()
         raise
     seed = config.seed if opts.seed is None else opts.seed
-    return MergePlan(config, info, params, base, sources, tensors, num_layers, seed)
+    plan = MergePlan(config, info, params, base, sources, tensors, num_layers, seed)
+    plan.unchecked_fingerprints = tuple(unchecked)
+    return plan
 
 
 def _num_layers(base: Checkpoint) -> int | None:
