@@ -573,11 +573,20 @@ def render_compare(title: str, res: dict, lines: list[str]) -> None:
     lines.append("")
 
 
+def _measured(part: dict) -> list[str]:
+    m = part.get("measured")
+    if not m:
+        return ["Measured: in an earlier run (this part's machine and date were not recorded).", ""]
+    return [f"Measured: {m['cpu']}, {m['cores']} cores, {m['date']}" + (f" ({m['note']})" if m.get("note") else "")
+            + ".", ""]
+
+
 def render(data: dict) -> str:
     m = data["machine"]
     lines = ["# Merging: skillgraft vs mergekit — measured", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; Python {m['python']}, torch "
-             f"{m['torch']}; mergekit {data['mergekit_version']} in its own venv. Date: {m['date']}.",
+             f"{m['torch']}; mergekit {data['mergekit_version']} in its own venv. Date: {m['date']} (the last "
+             "run; each part below says when and where it was measured).",
              f"Command: `{data['command']}`. mergekit flags: `{' '.join(MK_FLAGS)} --random-seed 0` (CPU, "
              "default threads); skillgraft: `skillgraft merge CONFIG -o OUT --overwrite --seed 0`.",
              f"Inputs weighted {WEIGHTS[0]} / {WEIGHTS[1]}, density {DENSITY}; mergekit YAML with `dtype: float32` "
@@ -591,7 +600,8 @@ def render(data: dict) -> str:
         s = data["synth"]
         mi = s["model"]
         lines += [f"## Synthetic Llama, {mi['params'] / 1e9:.2f} B parameters (TinyLlama-1.1B shape, bf16, "
-                  f"{_gib(mi['stored_bytes'])} GiB in {mi['shards']} shards each), base + 2 fine-tunes", ""]
+                  f"{_gib(mi['stored_bytes'])} GiB in {mi['shards']} shards each), base + 2 fine-tunes", "",
+                  *_measured(s)]
         render_compare("1.1B", s, lines)
         if "profile" in s:
             p = s["profile"]
@@ -609,6 +619,7 @@ def render(data: dict) -> str:
         mi = s["model"]
         lines += [f"## Llama-2-7B shape ({mi['params'] / 1e9:.2f} B parameters, {_gib(mi['stored_bytes'])} GiB "
                   f"bf16) + 3 rank-{mi['rank']} skill packs → full checkpoint, TIES (skillgraft only)", "",
+                  *_measured(s),
                   f"Packs: {', '.join(f'{b / 1e6:.0f} MB' for b in mi['pack_bytes'])} ({mi['matrices']} matrices "
                   "each). Own YAML, default `mode: paper`, weights 1.0 / 0.7 / 0.5.", "",
                   "| run | wall (s) | CPU (s) | peak RSS (GiB) | peak anon (GiB) | output (GiB) |",
@@ -621,7 +632,7 @@ def render(data: dict) -> str:
         s = data["smollm"]
         mi = s["model"]
         lines += [f"## SmolLM2-135M-Instruct (real weights, bf16, {mi['stored_bytes'] / 1e6:.0f} MB, tied "
-                  f"embeddings: {mi['tie_word_embeddings']}) + 2 synthetic fine-tunes", ""]
+                  f"embeddings: {mi['tie_word_embeddings']}) + 2 synthetic fine-tunes", "", *_measured(s)]
         render_compare("SmolLM2-135M", s, lines)
     lines += ["Peak RSS is the kernel's `ru_maxrss` (includes mmapped checkpoint pages that were touched); anon is "
               "the highest sampled `RssAnon` (heap only). ‖sg−mk‖/‖mk−θ₀‖ is the difference between the outputs "
@@ -688,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     for part, fn in (("synth", part_synth), ("smollm", part_smollm), ("7b", part_7b)):
         if part in parts:
             data[part] = fn(work, a, tools)
+            data[part]["measured"] = machine()  # --update keeps parts of earlier runs: each says when and where
             save()
     save()
     print(render(data))
