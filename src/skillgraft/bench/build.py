@@ -463,7 +463,7 @@ def _large_branch(prof: Profile, root: str) -> tuple[dict, dict]:
     hf_logging.disable_progress_bar()
     b = _Builder(prof, Path(root), no_progress)
     b._on_step = lambda step: _LargeBranch.bump(0)  # type: ignore[method-assign]
-    b._report = lambda: _LargeBranch.bump(1)  # type: ignore[method-assign]  (called once per score)
+    b._report = lambda: _LargeBranch.bump(1)  # type: ignore[method-assign]  # called once per score
     with _deterministic_torch():
         b.tok = make_tokenizer()
         b._make_data()

@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # usage errors (unknown option, missing argument) carry their own exit codes
         if isinstance(e, _click_exceptions()):
-            e.show()
-            return e.exit_code
+            e.show()  # type: ignore[attr-defined]
+            return int(e.exit_code)  # type: ignore[attr-defined]
         raise
     return 0
 

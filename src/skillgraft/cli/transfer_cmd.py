@@ -132,7 +132,7 @@ def serve(
     except OSError as e:
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror}", hint="pick another --port") from None
     bound = server.server_address
-    console.print(f"serving {method} on http://{bound[0]}:{bound[1]}/v1/completions (Ctrl-C to stop)")
+    console.print(f"serving {method} on http://{bound[0]!s}:{bound[1]}/v1/completions (Ctrl-C to stop)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

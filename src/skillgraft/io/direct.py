@@ -87,7 +87,7 @@ class StreamFile:
             return
         self.size += n
         if not self.direct:
-            write_all(self.fd, memoryview(src.numpy()))
+            write_all(self.fd, src.numpy().data)
             return
         pos = 0
         while pos < n:

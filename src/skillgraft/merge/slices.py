@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ class Slots:
 
 @dataclass
 class RawItem:
-    plan: object  # TensorPlan
+    plan: Any  # TensorPlan (engine.py imports this module)
     base: torch.Tensor  # stored dtype, mapped from the file
     inputs: dict[int, tuple[torch.Tensor, bool]]  # input index -> (tensor, is_raw_checkpoint_tensor)
 
