@@ -149,8 +149,10 @@ def test_cli_generate_with_skill_expert(models, tmp_path, capsys):
     extract(ExtractSpec(base=tmp_path / "small", tuned=tmp_path / "expert", out=tmp_path / "e.skill", dense=True))
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS))
     outs = []
-    # a model directory, or a skill pack applied to the small base in memory; then speculative decoding
-    for e, extra in (("expert", []), ("e.skill", []), ("expert", ["--speculate", "3"])):
+    # a model directory, or a skill pack applied to the small base in memory (also in the second process of
+    # --parallel); then speculative decoding
+    runs = (("expert", []), ("e.skill", []), ("e.skill", ["--parallel"]), ("expert", ["--speculate", "3"]))
+    for e, extra in runs:
         argv = [
             "-q",
             "generate",
@@ -168,7 +170,7 @@ def test_cli_generate_with_skill_expert(models, tmp_path, capsys):
         assert main(argv) == 0
         report = json.loads(capsys.readouterr().out)
         outs.append([r["output"] for r in report["results"]])
-    assert outs[0] == outs[1] == outs[2] == _hf_greedy(expert, tok, PROMPTS, 6)
+    assert outs[0] == outs[1] == outs[2] == outs[3] == _hf_greedy(expert, tok, PROMPTS, 6)
     assert report["draft_rounds"] >= 1 and report["drafts_accepted"] >= 1
     assert main([*argv, "--temperature", "0.5"]) == 2  # argv ends with --speculate 3: refused before loading
     assert "greedy only" in capsys.readouterr().err
