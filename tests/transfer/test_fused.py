@@ -280,3 +280,77 @@ def test_parallel_worker_failure_is_one_error(models):
         worker._proc.join()
         with pytest.raises(WorkerError, match="small-model process"):
             fast.generate(PROMPTS[:2], GenerationSpec(max_new_tokens=2))
+
+
+# Chat templates: each model formats the prompt with its own tokenizer's template (here: different task tags).
+LARGE_CHAT = "{% for m in messages %}[rev] {{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+SMALL_CHAT = "{% for m in messages %}[rot] {{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+CHAT_PROMPTS = ["abc", "ba hd", "hgfedcb", "a"]
+
+
+@pytest.fixture(scope="module")
+def chat_toks(models):
+    import copy
+
+    tok = models[0]
+    large_tok, small_tok = copy.deepcopy(tok), copy.deepcopy(tok)
+    large_tok.chat_template, small_tok.chat_template = LARGE_CHAT, SMALL_CHAT
+    return large_tok, small_tok
+
+
+def test_chat_each_model_formats_its_own_prompt(models, chat_toks):
+    """α = 0 gives the large model's greedy output on *its* template; the small base as the large model with α = 1
+    gives the expert's on the small template; the two templates reach the models as different tokens."""
+    tok, large, small, expert = models
+    large_tok, small_tok = chat_toks
+    own = {id(large): large_tok, id(small): small_tok, id(expert): small_tok}
+    spec = GenerationSpec(max_new_tokens=6)
+    fused = FusedModel(large, tok, [ExpertPair(expert, small, alpha=0.0)], chat=True, model_tokenizers=own)
+    assert fused.generate(CHAT_PROMPTS, spec) == _hf_greedy(large, tok, [f"[rev] {p}>" for p in CHAT_PROMPTS], 6)
+    enc = fused._encodings(CHAT_PROMPTS[:1], [large, small])
+    assert tok.decode(enc[id(large)][0][0]) != tok.decode(enc[id(small)][0][0])
+    as_expert = FusedModel(small, tok, [ExpertPair(expert, small, alpha=1.0)], chat=True, model_tokenizers=own)
+    assert as_expert.generate(CHAT_PROMPTS, spec) == _hf_greedy(expert, tok, [f"[rot] {p}>" for p in CHAT_PROMPTS], 6)
+    # log-likelihoods use the same per-model formatting
+    ((total, n),) = FusedModel(large, tok, [ExpertPair(expert, small, 0.0)], "eft", chat=True, model_tokenizers=own
+                               ).loglik([("ab c", "cba")])  # fmt: skip
+    ((plain, m),) = FusedModel(large, tok, [ExpertPair(expert, small, 0.0)], "eft").loglik([("[rev] ab c>", "cba")])
+    assert n == m == 3 and total == pytest.approx(plain, abs=1e-5)
+
+
+def test_chat_parallel_equals_sequential_and_refusals(models, chat_toks):
+    tok, large, small, expert = models
+    large_tok, small_tok = chat_toks
+    own = {id(large): large_tok, id(small): small_tok, id(expert): small_tok}
+    pairs = [ExpertPair(expert, small, alpha=0.7)]
+    spec = GenerationSpec(max_new_tokens=7)
+    plain = FusedModel(large, tok, pairs, chat=True, model_tokenizers=own).generate(CHAT_PROMPTS, spec)
+    with FusedModel(large, tok, pairs, chat=True, model_tokenizers=own, parallel=True) as fast:
+        assert fast.generate(CHAT_PROMPTS, spec) == plain
+    with pytest.raises(InputError, match="has no chat template"):
+        FusedModel(large, tok, pairs, chat=True).generate(CHAT_PROMPTS, spec)  # the bare tokenizer has none
+    with pytest.raises(InputError, match="chat-formatted prompts do not combine"):
+        FusedModel(large, tok, pairs, chat=True, speculate=2)
+
+
+def test_cli_generate_chat_uses_each_models_saved_template(models, chat_toks, tmp_path, capsys):
+    import json
+
+    from skillgraft.cli.main import main
+
+    tok, large, small, expert = models
+    large_tok, small_tok = chat_toks
+    for name, m, t in (("large", large, large_tok), ("small", small, small_tok), ("expert", expert, small_tok)):
+        m.save_pretrained(tmp_path / name)
+        t.save_pretrained(tmp_path / name)
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in CHAT_PROMPTS))
+    argv = ["-q", "generate", "--base", str(tmp_path / "large"), "--expert",
+            f"{tmp_path / 'expert'}:{tmp_path / 'small'}:0", "--prompts", str(tmp_path / "p.jsonl"),
+            "--max-new-tokens", "5", "--json", "--chat"]  # fmt: skip
+    assert main(argv) == 0
+    outs = [r["output"] for r in json.loads(capsys.readouterr().out)["results"]]
+    assert outs == _hf_greedy(large, tok, [f"[rev] {p}>" for p in CHAT_PROMPTS], 5)
+    assert main([*argv, "--speculate", "2"]) == 2  # refused before any model loads
+    assert "chat-formatted prompts do not combine" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "large"), "--tasks", str(tmp_path / "p.jsonl"), "--chat"]) == 2
+    assert "--chat and --parallel apply to transfer only" in capsys.readouterr().err

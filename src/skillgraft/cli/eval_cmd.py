@@ -37,6 +37,9 @@ def eval_(
     parallel: bool = typer.Option(
         False, "--parallel", help="With --expert: the small models decode in a second process, beside MODEL."
     ),
+    chat: bool = typer.Option(
+        False, "--chat", help="With --expert: each model formats prompts with its own tokenizer's chat template."
+    ),
     library: Path = LIBRARY_OPT,
     samples: bool = typer.Option(False, "--samples", help="With --json: include every example's prediction."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
@@ -65,13 +68,15 @@ def eval_(
         force=force,
     )
     transfer = None
+    if (chat or parallel) and not expert:
+        raise InputError("--chat and --parallel apply to transfer only", hint="add --expert SMALL_TUNED:SMALL_BASE")
     if expert:
         from skillgraft.transfer.load import ExpertSpec, TransferSpec
 
         if skill:
             raise InputError("--skill and --expert cannot be combined", hint="apply the skill to the small expert")
         transfer = TransferSpec(
-            model, tuple(ExpertSpec.parse(e) for e in expert), method, library=library, parallel=parallel
+            model, tuple(ExpertSpec.parse(e) for e in expert), method, library=library, parallel=parallel, chat=chat
         )
     with progress_bar() as progress:
         res = evaluate_fused(spec, transfer, progress) if transfer else evaluate(spec, progress)

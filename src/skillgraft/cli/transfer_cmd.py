@@ -51,6 +51,9 @@ def generate(
     parallel: bool = typer.Option(
         False, "--parallel", help="Run the small models in a second process, side by side with the large one."
     ),
+    chat: bool = typer.Option(
+        False, "--chat", help="Each model formats every prompt with its own tokenizer's chat template."
+    ),
     library: Path = LIBRARY_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
@@ -65,7 +68,7 @@ def generate(
     if speculate and temperature != 0:
         raise InputError("--speculate is greedy only", hint="drop --speculate or use --temperature 0")
     spec = TransferSpec(
-        base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate, gate, parallel
+        base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate, gate, parallel, chat
     )
     gen = GenerationSpec(max_new_tokens, temperature, top_p, top_k, tuple(stop), seed)
     texts = read_prompts(prompts)
@@ -109,6 +112,9 @@ def serve(
     parallel: bool = typer.Option(
         False, "--parallel", help="Run the small models in a second process, side by side with the large one."
     ),
+    chat: bool = typer.Option(
+        False, "--chat", help="Each model formats every prompt with its own tokenizer's chat template."
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
     library: Path = LIBRARY_OPT,
@@ -124,7 +130,7 @@ def serve(
     if not 0 <= port <= 65535:
         raise InputError(f"--port must be 0 to 65535, not {port}")
     spec = TransferSpec(
-        base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate, gate, parallel
+        base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate, gate, parallel, chat
     )
     fused = load_fused(spec)
     try:

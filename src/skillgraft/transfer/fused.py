@@ -63,6 +63,11 @@ class _Stream:
     past: Any = None
 
 
+def _stream(model: Any, mask: torch.Tensor) -> _Stream:
+    """A fresh decoding state for ``model`` over a left-padded batch with attention ``mask``."""
+    return _Stream(model, mask.clone(), (mask.cumsum(-1) - 1).clamp_min(0))
+
+
 def _forward(s: _Stream, ids: torch.Tensor, every: bool = False) -> torch.Tensor:
     """The last position's fp32 logits (``every``: all positions') after feeding ``ids``."""
     out = s.model(
@@ -84,10 +89,20 @@ def _advance(s: _Stream, nxt: torch.Tensor) -> torch.Tensor:
     return _forward(s, nxt[:, None])
 
 
-def _encode(tok: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(tok: Any, prompts: list[str], special: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=special)
     return enc.input_ids, enc.attention_mask
+
+
+def chat_format(tok: Any, prompt: str, who: str = "model") -> str:
+    """``prompt`` as one user turn in ``tok``'s chat template, ready for the assistant's reply."""
+    if not getattr(tok, "chat_template", None):
+        raise InputError(
+            f"{who}: its tokenizer has no chat template, so the prompt cannot be formatted as a chat",
+            hint="drop --chat (prompts are then used as they are), or use a chat model's tokenizer",
+        )
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
 
 class FusedModel:
@@ -104,6 +119,8 @@ class FusedModel:
         speculate: int = 0,
         gate: bool = False,
         parallel: bool = False,
+        chat: bool = False,
+        model_tokenizers: dict[int, Any] | None = None,
     ) -> None:
         if method not in METHODS:
             raise InputError(f"unknown transfer method {method!r}", hint=f"use one of {', '.join(METHODS)}")
@@ -118,6 +135,16 @@ class FusedModel:
                 "parallel decoding does not combine with speculative decoding or the prompt gate",
                 hint="drop --parallel, or drop --speculate / --gate",
             )
+        if chat and (speculate or gate):
+            raise InputError(
+                "chat-formatted prompts do not combine with speculative decoding or the prompt gate (they need "
+                "every model's prompt to be the same tokens)",
+                hint="drop --chat, or drop --speculate / --gate",
+            )
+        # Chat: each model formats the prompt with its own tokenizer's chat template (``model_tokenizers``: id of
+        # a model -> its tokenizer; models not in it use ``tokenizer``); the generated tokens are shared.
+        self.chat = bool(chat)
+        self.model_tokenizers = dict(model_tokenizers or {})
         # The small models decode in a second process, side by side with the large one (transfer/parallel.py).
         self.parallel = bool(parallel) and bool(experts)
         self._worker: tuple[SmallWorker, tuple[int, int]] | None = None
@@ -146,6 +173,24 @@ class FusedModel:
             for m in (p.expert, p.base):
                 seen.setdefault(id(m), m)
         return list(seen.values())
+
+    def _tokenizer_of(self, m: Any) -> Any:
+        return self.model_tokenizers.get(id(m), self.tok) if self.chat else self.tok
+
+    def _prompt_texts(self, m: Any, prompts: list[str]) -> list[str]:
+        """The prompts as model ``m`` sees them: as given, or (``chat``) in its tokenizer's chat template."""
+        if not self.chat:
+            return prompts
+        who = "the large model" if m is self.large else f"small model {type(m).__name__}"
+        return [chat_format(self._tokenizer_of(m), p, who) for p in prompts]
+
+    def _encodings(self, prompts: list[str], models: list[Any]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Left-padded (ids, mask) per model: one shared encoding, or with ``chat`` each model's own (the chat
+        template already holds any special tokens, so none are added)."""
+        if not self.chat:
+            shared = _encode(self.tok, prompts)
+            return {id(m): shared for m in models}
+        return {id(m): _encode(self._tokenizer_of(m), self._prompt_texts(m, prompts), special=False) for m in models}
 
     def _remote_models(self) -> list[Any]:
         """The small models the worker runs (all but one that is the large model itself)."""
@@ -204,10 +249,11 @@ class FusedModel:
             torch.set_num_threads(saved)
 
     def _generate(self, prompts: list[str], spec: GenerationSpec, worker: SmallWorker | None) -> list[str]:
-        ids, mask = _encode(self.tok, prompts)
         remote = self._remote_models() if worker is not None else []
         models = [m for m in [self.large, *self._small_models()] if not any(m is r for r in remote)]
-        streams = {id(m): _Stream(m, mask.clone(), (mask.cumsum(-1) - 1).clamp_min(0)) for m in models}
+        enc = self._encodings(prompts, [*models, *remote])
+        ids, mask = enc[id(self.large)]  # (without chat, every model's)
+        streams = {id(m): _stream(m, enc[id(m)][1]) for m in models}
         small_ids = [id(m) for m in remote]
         if self.gate:  # the small models' prefill keeps every position's logits for the gate
             full = {id(m): _forward(streams[id(m)], ids, every=True) for m in self._small_models()}
@@ -216,8 +262,8 @@ class FusedModel:
             logits.update({k: _forward(s, ids) for k, s in streams.items() if k not in logits})
         else:
             if worker is not None:
-                worker.start(ids, mask)
-            logits = {k: _forward(s, ids) for k, s in streams.items()}
+                worker.start([enc[k] for k in small_ids])
+            logits = {k: _forward(s, enc[k][0]) for k, s in streams.items()}
             if worker is not None:
                 logits.update(zip(small_ids, worker.wait()))
         if self.speculate:
@@ -291,13 +337,13 @@ class FusedModel:
         (and, with ``with_greedy``, whether every target token is the fused argmax)."""
         results: list[tuple] = []
         for prompt, target in pairs:
-            p_ids = self.tok(prompt, add_special_tokens=False).input_ids
             t_ids = self.tok(target, add_special_tokens=False).input_ids
-            ids = torch.tensor([p_ids + t_ids])
             per_model, full = {}, {}
             for m in [self.large, *self._small_models()]:
-                full[id(m)] = m(input_ids=ids).logits.float()
-                per_model[id(m)] = full[id(m)][0, len(p_ids) - 1 : -1]
+                m_ids = self._tokenizer_of(m)(self._prompt_texts(m, [prompt])[0], add_special_tokens=False).input_ids
+                full[id(m)] = m(input_ids=torch.tensor([m_ids + t_ids])).logits.float()
+                per_model[id(m)] = full[id(m)][0, len(m_ids) - 1 : -1]
+            p_ids = self.tok(prompt, add_special_tokens=False).input_ids  # the gate (never with chat) needs it
             if self.gate:  # from the prompt alone, as in generate()
                 prompt_ids = torch.tensor([p_ids])
                 self._gate = self._prompt_gate(

@@ -46,6 +46,7 @@ class TransferSpec:
     speculate: int = 0  # draft tokens per round (greedy only); 0: the plain loop
     gate: bool = False  # weight several experts per prompt (combine.prompt_gate)
     parallel: bool = False  # the small models decode in a second process (transfer/parallel.py)
+    chat: bool = False  # each model formats every prompt with its own tokenizer's chat template
 
 
 class _Loader:
@@ -99,6 +100,12 @@ def load_fused(spec: TransferSpec) -> FusedModel:
     """Load every model once and check they share one vocabulary (before any decoding)."""
     if not spec.experts:
         raise InputError("no experts given", hint="pass --expert SMALL_TUNED:SMALL_BASE[:ALPHA]")
+    if spec.chat and (spec.speculate or spec.gate):  # FusedModel refuses it too; say so before loading
+        raise InputError(
+            "chat-formatted prompts do not combine with speculative decoding or the prompt gate (they need "
+            "every model's prompt to be the same tokens)",
+            hint="drop --chat, or drop --speculate / --gate",
+        )
     if spec.parallel and (spec.speculate or spec.gate):  # FusedModel refuses it too; say so before loading
         raise InputError(
             "parallel decoding does not combine with speculative decoding or the prompt gate",
@@ -108,13 +115,14 @@ def load_fused(spec: TransferSpec) -> FusedModel:
     ld = _Loader(spec.library)
     large = ld.model(spec.large)
     pairs, toks = [], {}
+    own = {id(large): ld.tokenizer(spec.large)}  # each model's tokenizer, for chat templates
     for i, e in enumerate(spec.experts):
         expert, tok_dir = ld.expert(e)
         base = ld.model(e.base)
         pairs.append(ExpertPair(expert, base, e.alpha, label=e.expert))
-        toks[f"expert {i + 1} ({e.expert})"] = ld.tokenizer(tok_dir)
-        toks[f"expert base {i + 1} ({e.base})"] = ld.tokenizer(e.base)
+        toks[f"expert {i + 1} ({e.expert})"] = own.setdefault(id(expert), ld.tokenizer(tok_dir))
+        toks[f"expert base {i + 1} ({e.base})"] = own.setdefault(id(base), ld.tokenizer(e.base))
     return FusedModel(
         large, ld.tokenizer(spec.large), pairs, spec.method, spec.dlf_grid, toks, spec.speculate, spec.gate,
-        parallel=spec.parallel,
+        parallel=spec.parallel, chat=spec.chat, model_tokenizers=own,
     )

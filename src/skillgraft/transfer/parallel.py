@@ -9,7 +9,8 @@ Protocol (a ``multiprocessing`` pipe; both ends are this module's code, nothing 
 
 * the worker is started once with the small models, whose parameters are first moved to shared memory
   (``Module.share_memory``) so the child maps the same pages instead of copying them;
-* ``start(ids, mask)`` starts a batch: the worker builds one KV cache per small model and runs the prompt;
+* ``start(encodings)`` starts a batch (one left-padded ``(ids, mask)`` per small model: the same one for all,
+  or with chat templates each model's own): the worker builds one KV cache per small model and runs the prompt;
   the first ``wait()`` returns shared ``[batch, vocab]`` fp32 buffers holding each model's last-position logits;
 * ``send(tokens)`` feeds one token per row to every small model; ``wait()`` blocks until the buffers hold the
   new logits. The caller reads the buffers only between ``wait`` and the next ``send``.
@@ -66,10 +67,11 @@ class SmallWorker:
         self._pending: str | None = "hello"
         self.wait()  # the child is up and holds the models
 
-    def start(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
-        """Start a batch (left-padded ``ids`` and ``mask``); the worker runs the prompts at once."""
+    def start(self, encodings: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Start a batch (one left-padded ``(ids, mask)`` per model, in ``models`` order); the worker runs the
+        prompts at once."""
         self.wait()
-        self._call(("prefill", ids, mask))
+        self._call(("prefill", encodings))
         self._pending = "prefill"
 
     def send(self, tokens: torch.Tensor) -> None:
@@ -118,10 +120,10 @@ class SmallWorker:
 
 def _serve(conn: Any, models: list[Any], threads: int) -> None:
     """The child's loop: one KV cache per model, answers per message (see the module docstring)."""
-    from skillgraft.transfer.fused import _advance, _forward, _Stream
+    from skillgraft.transfer.fused import _advance, _forward, _stream
 
     torch.set_num_threads(threads)
-    streams: list[_Stream] = []
+    streams: list = []
     outs: list[torch.Tensor] = []
     conn.send(("ok", None))
     with torch.no_grad():
@@ -134,10 +136,9 @@ def _serve(conn: Any, models: list[Any], threads: int) -> None:
                 if msg[0] == "stop":
                     return
                 if msg[0] == "prefill":
-                    _, ids, mask = msg
-                    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-                    streams = [_Stream(m, mask.clone(), pos.clone()) for m in models]
-                    outs = [_forward(s, ids).share_memory_() for s in streams]
+                    encodings = msg[1]
+                    streams = [_stream(m, mask) for m, (_, mask) in zip(models, encodings)]
+                    outs = [_forward(s, ids).share_memory_() for s, (ids, _) in zip(streams, encodings)]
                     conn.send(("ok", outs))
                 elif msg[0] == "step":
                     nxt = torch.tensor(msg[1], dtype=torch.long)
