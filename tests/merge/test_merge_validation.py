@@ -199,7 +199,8 @@ def test_damaged_safetensors_input_refused(damage, pair, tmp_path, capsys):
     f = bad / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100] if damage == "truncated" else b"\x07" * 64 + b"not safetensors" * 10)
     cfg = {"base": str(base), "method": "linear", "inputs": [str(a), str(bad)]}
-    refused(capsys, tmp_path, cfg, "truncated" if damage == "truncated" else "model.safetensors")
+    lines = refused(capsys, tmp_path, cfg, "truncated" if damage == "truncated" else "model.safetensors")
+    assert lines[1].startswith("hint:") and "damaged or incomplete" in lines[1]
 
 
 # --- PEFT LoRA directories as merge inputs ---------------------------------------------------------------------------

@@ -51,6 +51,9 @@ class TensorInfo:
         return self.end - self.begin
 
 
+_DAMAGED = "the file is damaged or incomplete: copy or download it again (compare its size with the source's)"
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header; returns (tensors, metadata)."""
     try:
@@ -58,19 +61,23 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise FormatError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+                raise FormatError(
+                    f"{path}: not a safetensors file (shorter than its 8-byte header length)", hint=_DAMAGED
+                )
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER or 8 + n > size:
-                raise FormatError(f"{path}: not a safetensors file or truncated (header length {n} > file size)")
+                raise FormatError(
+                    f"{path}: not a safetensors file or truncated (header length {n} > file size)", hint=_DAMAGED
+                )
             header_bytes = f.read(n)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror})") from e
     try:
         header = json.loads(header_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from e
+        raise FormatError(f"{path}: corrupt safetensors header ({e.__class__.__name__})", hint=_DAMAGED) from e
     if not isinstance(header, dict):
-        raise FormatError(f"{path}: corrupt safetensors header (not a JSON object)")
+        raise FormatError(f"{path}: corrupt safetensors header (not a JSON object)", hint=_DAMAGED)
     meta = header.pop("__metadata__", None) or {}
     data_start = 8 + n
     out: dict[str, TensorInfo] = {}
@@ -80,13 +87,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             shape = tuple(int(s) for s in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
-            raise FormatError(f"{path}: corrupt header entry for tensor {name!r} ({err})") from err
+            raise FormatError(f"{path}: corrupt header entry for tensor {name!r} ({err})", hint=_DAMAGED) from err
         numel = 1
         for s in shape:
             numel *= s
         if end - begin != numel * dtype.itemsize or begin < 0 or data_start + end > size:
             raise FormatError(
-                f"{path}: tensor {name!r} lies outside the file or has the wrong byte length (truncated file?)"
+                f"{path}: tensor {name!r} lies outside the file or has the wrong byte length (truncated file?)",
+                hint=_DAMAGED,
             )
         out[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
     return out, meta
@@ -112,7 +120,7 @@ class MappedFile:
         while done < len(buf):
             n = os.preadv(self._fd, [buf[done:]], offset + done)
             if n <= 0:
-                raise FormatError(f"{self.path}: file ended early (truncated while open?)")
+                raise FormatError(f"{self.path}: file ended early (truncated while open?)", hint=_DAMAGED)
             done += n
 
     def chunks(self, name: str) -> Iterator[memoryview]:
