@@ -105,6 +105,21 @@ def chat_format(tok: Any, prompt: str, who: str = "model") -> str:
     return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
 
+def check_modes(speculate: int, gate: bool, parallel: bool, chat: bool) -> None:
+    """Refuse decoding modes that do not combine (also called before any model loads, by ``load_fused``)."""
+    if parallel and (speculate or gate):
+        raise InputError(
+            "parallel decoding does not combine with speculative decoding or the prompt gate",
+            hint="drop --parallel, or drop --speculate / --gate",
+        )
+    if chat and (speculate or gate):
+        raise InputError(
+            "chat-formatted prompts do not combine with speculative decoding or the prompt gate (they need "
+            "every model's prompt to be the same tokens)",
+            hint="drop --chat, or drop --speculate / --gate",
+        )
+
+
 class FusedModel:
     """Decode with ``method`` in {proxy, eft, dlf} from a large base steered by expert pairs."""
 
@@ -130,17 +145,7 @@ class FusedModel:
             raise InputError(f"speculate must be 0 (off) to 32 draft tokens, not {speculate}")
         if speculate and not experts:
             raise InputError("speculative decoding needs at least one expert to draft", hint="drop --speculate")
-        if parallel and (speculate or gate):
-            raise InputError(
-                "parallel decoding does not combine with speculative decoding or the prompt gate",
-                hint="drop --parallel, or drop --speculate / --gate",
-            )
-        if chat and (speculate or gate):
-            raise InputError(
-                "chat-formatted prompts do not combine with speculative decoding or the prompt gate (they need "
-                "every model's prompt to be the same tokens)",
-                hint="drop --chat, or drop --speculate / --gate",
-            )
+        check_modes(speculate, gate, parallel, chat)
         # Chat: each model formats the prompt with its own tokenizer's chat template (``model_tokenizers``: id of
         # a model -> its tokenizer; models not in it use ``tokenizer``); the generated tokens are shared.
         self.chat = bool(chat)
@@ -343,8 +348,8 @@ class FusedModel:
                 m_ids = self._tokenizer_of(m)(self._prompt_texts(m, [prompt])[0], add_special_tokens=False).input_ids
                 full[id(m)] = m(input_ids=torch.tensor([m_ids + t_ids])).logits.float()
                 per_model[id(m)] = full[id(m)][0, len(m_ids) - 1 : -1]
-            p_ids = self.tok(prompt, add_special_tokens=False).input_ids  # the gate (never with chat) needs it
-            if self.gate:  # from the prompt alone, as in generate()
+            if self.gate:  # from the prompt alone, as in generate() (never with chat: one encoding for all)
+                p_ids = self.tok(prompt, add_special_tokens=False).input_ids
                 prompt_ids = torch.tensor([p_ids])
                 self._gate = self._prompt_gate(
                     prompt_ids, torch.ones_like(prompt_ids), {k: v[:, : len(p_ids)] for k, v in full.items()}

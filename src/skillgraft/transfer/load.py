@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from skillgraft.errors import InputError, NotFoundError
-from skillgraft.transfer.fused import ExpertPair, FusedModel
+from skillgraft.transfer.fused import ExpertPair, FusedModel, check_modes
 
 
 @dataclass(frozen=True)
@@ -100,17 +100,7 @@ def load_fused(spec: TransferSpec) -> FusedModel:
     """Load every model once and check they share one vocabulary (before any decoding)."""
     if not spec.experts:
         raise InputError("no experts given", hint="pass --expert SMALL_TUNED:SMALL_BASE[:ALPHA]")
-    if spec.chat and (spec.speculate or spec.gate):  # FusedModel refuses it too; say so before loading
-        raise InputError(
-            "chat-formatted prompts do not combine with speculative decoding or the prompt gate (they need "
-            "every model's prompt to be the same tokens)",
-            hint="drop --chat, or drop --speculate / --gate",
-        )
-    if spec.parallel and (spec.speculate or spec.gate):  # FusedModel refuses it too; say so before loading
-        raise InputError(
-            "parallel decoding does not combine with speculative decoding or the prompt gate",
-            hint="drop --parallel, or drop --speculate / --gate",
-        )
+    check_modes(spec.speculate, spec.gate, spec.parallel, spec.chat)  # as FusedModel does, but before loading
     _validate(spec)
     ld = _Loader(spec.library)
     large = ld.model(spec.large)
