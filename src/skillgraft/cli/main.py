@@ -11,6 +11,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from skillgraft.errors import SkillgraftError
 
@@ -45,6 +46,7 @@ def _global(
 def _register() -> None:
     from skillgraft.cli import (  # noqa: F401  (registers commands)
         bench_cmd,
+        convert_cmd,
         eval_cmd,
         library_cmd,
         lora_cmd,
@@ -74,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     except SkillgraftError as e:
         if State.debug:
             raise
-        err_console.print(f"[bold red]error:[/] {e.message}", soft_wrap=True)
+        # escaped: a message or hint may hold brackets rich would read as markup (pip install 'skillgraft[gguf]')
+        err_console.print(f"[bold red]error:[/] {escape(e.message)}", soft_wrap=True)
         if e.hint:
-            err_console.print(f"[yellow]hint:[/] {e.hint}", soft_wrap=True)
+            err_console.print(f"[yellow]hint:[/] {escape(e.hint)}", soft_wrap=True)
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code
