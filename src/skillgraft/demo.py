@@ -12,24 +12,32 @@ from typing import Any
 
 from skillgraft.progress import ProgressFn, no_progress
 
+# The main methods the demo ranks on the real profile (``skillgraft study merge`` runs every method and λ).
+REAL_METHODS = ("task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della")
+
 
 def run_demo(
     out_dir: Path = Path("skillgraft-demo"),
-    profile: str = "quick",
+    profile: str = "real-quick",
     budget: float | None = 0.25,
     cache: Path | None = None,
     say: Callable[[str], None] = print,
     progress: ProgressFn = no_progress,
 ) -> bool:
     """Run the demo; returns True when the skills are there (experts far above the base) and at least one
-    merge keeps most of every skill. Writes ``results.json`` and ``report.html`` into ``out_dir``."""
+    merge ran. Writes ``results.json`` and ``report.html`` into ``out_dir``.
+
+    On a real profile (SmolLM2-135M-Instruct) the LoRA experts are imported exactly and merged with the main
+    methods; on a tiny profile full fine-tunes are also extracted at ``budget`` and every method runs."""
     from skillgraft.bench.build import build
     from skillgraft.eval.report import render_html
     from skillgraft.io.writer import atomic_path
     from skillgraft.library import Library
     from skillgraft.study.merge import MergeStudySpec, run_merge_study
 
-    say(f"1. SkillBench ({profile}): building or reusing the base and one expert per skill")
+    real = profile.startswith("real")
+    what = "SmolLM2-135M-Instruct and a LoRA expert per skill" if real else "the base and one expert per skill"
+    say(f"1. SkillBench ({profile}): building or reusing {what}")
     manifest = build(profile, cache, progress)
     say(f"   {manifest.root} — skills: {', '.join(manifest.skills)}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -42,15 +50,18 @@ def run_demo(
         )
         refs = _store_packs(manifest, lib, Path(tmp), budget, profile, say)
         lib.close()
-        say("3. merging the packs of each kind with every method, evaluating every merge on every skill")
+        kinds = tuple(dict.fromkeys(k for k, _, _ in refs))
+        methods = f"the main methods ({', '.join(REAL_METHODS)})" if real else "every method"
+        say(f"3. merging the packs of each kind with {methods}, evaluating every merge on every skill")
         spec = MergeStudySpec(
             profile=profile,
             cache=cache,
-            experts=("full-pack", "lora-pack"),
+            experts=kinds,
             packs=tuple(refs),
             library=Path(tmp) / "library",
             lambdas=(0.5, 1.0),
             command="skillgraft demo",
+            **({"methods": REAL_METHODS, "sweep_methods": ("task_arithmetic",)} if real else {}),
         )
         results = run_merge_study(spec, progress)
     with atomic_path(out_dir / "results.json", overwrite=True) as t:
@@ -63,12 +74,16 @@ def run_demo(
 def _store_packs(
     manifest: Any, lib: Any, tmp: Path, budget: float | None, profile: str, say: Callable[[str], None]
 ) -> list[tuple[str, str, str]]:
-    from skillgraft.io.peft_adapter import import_lora
     from skillgraft.skill.extract import ExtractSpec, extract
 
     base = manifest.model_dir("base")
     refs = []
     for s in manifest.skills:
+        if f"experts/{s}-full" not in manifest.models:  # real profiles fully fine-tune only some skills
+            rec_l = _import_lora(manifest, lib, tmp, s)
+            refs.append(("lora-pack", s, rec_l.ref))
+            say(f"   {rec_l.ref:<18} {rec_l.size:>11,} bytes (LoRA, exact)")
+            continue
         r = extract(
             ExtractSpec(
                 base=base,
@@ -82,8 +97,7 @@ def _store_packs(
         )
         rec = lib.add(r.path)
         refs.append(("full-pack", s, rec.ref))
-        import_lora(manifest.model_dir(f"experts/{s}-lora"), tmp / f"{s}-lora.skill", base=base, name=f"{s}-lora")
-        rec_l = lib.add(tmp / f"{s}-lora.skill")
+        rec_l = _import_lora(manifest, lib, tmp, s)
         refs.append(("lora-pack", s, rec_l.ref))
         say(
             f"   {rec.ref:<14} {r.file_bytes:>9,} bytes ({r.file_bytes / r.dense_delta_bytes:.1%} of dense Δ); "
@@ -92,24 +106,35 @@ def _store_packs(
     return refs
 
 
+def _import_lora(manifest: Any, lib: Any, tmp: Path, skill: str) -> Any:
+    """The skill's LoRA expert imported exactly as a pack and added to ``lib``; returns the library record."""
+    from skillgraft.io.peft_adapter import import_lora
+
+    out = tmp / f"{skill}-lora.skill"
+    import_lora(manifest.model_dir(f"experts/{skill}-lora"), out, base=manifest.model_dir("base"), name=f"{skill}-lora")
+    return lib.add(out)
+
+
 def _summarise(results: dict, skills: tuple[str, ...], out_dir: Path, say: Callable[[str], None]) -> bool:
     from skillgraft.eval.report import ranked_methods
 
     base = {s: results["base"][s]["em"] for s in skills}
     ok = True
-    for kind in ("full-pack", "lora-pack"):
-        own = {s: results["experts"][kind][s][s]["em"] for s in skills}
-        say(
-            f"   {kind}: exact match on its own skill — "
-            + ", ".join(f"{s} {base[s]:.0%} → {own[s]:.0%}" for s in skills)
-        )
-        ok &= all(own[s] >= base[s] + 0.3 for s in skills)
+    for kind, table in results["experts"].items():
+        own = {s: table[s][s]["em"] for s in table}
+        say(f"   {kind}: exact match on its own skill — " + ", ".join(f"{s} {base[s]:.0%} → {own[s]:.0%}" for s in own))
+        ok &= all(own[s] >= base[s] + 0.3 for s in own)
+    general = results.get("general")
+    if general:
+        say(f"   general ability of the base: {_general(general['base'])}")
     say("4. merges ranked by mean normalized accuracy (merged ÷ expert, per skill)")
-    say(f"   {'experts':<11}{'method':<18}{'normalized':>11}{'exact match':>13}{'seconds':>9}")
+    head = f"   {'experts':<11}{'method':<18}{'normalized':>11}{'exact match':>13}{'seconds':>9}"
+    say(head + ("   general (GSM8K loglik/token, facts)" if general else ""))
     ranked = ranked_methods(results)
     for r in ranked:
         norm, em = f"{r['mean_normalized']:.1%}", f"{r['mean_em']:.1%}"
-        say(f"   {r['experts']:<11}{r['method']:<18}{norm:>11}{em:>13}{r['seconds']:>9.2f}")
+        row = f"   {r['experts']:<11}{r['method']:<18}{norm:>11}{em:>13}{r['seconds']:>9.2f}"
+        say(row + (f"   {_general(r['general'])}" if r.get("general") else ""))
     say(f"report: {out_dir / 'report.html'}   results: {out_dir / 'results.json'}")
     say(
         "the skills are there: every pack lifts the base on its skill"
@@ -117,3 +142,7 @@ def _summarise(results: dict, skills: tuple[str, ...], out_dir: Path, say: Calla
         else "FAILED: a pack did not lift its skill"
     )
     return ok and len(ranked) > 0
+
+
+def _general(g: dict[str, Any]) -> str:
+    return f"{g['gsm8k_token_loglik']:.3f}, {g['facts_em']:.0%}"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from skillgraft.bench import skills as sk
+from skillgraft.bench.real import REAL, REAL_QUICK, RealBuilder, RealProfile
 from skillgraft.bench.train import ModelSize, Stage, exact_match, n_params, new_model, train, with_lora
 from skillgraft.errors import InputError, NotFoundError
 from skillgraft.progress import ProgressFn, no_progress
@@ -110,7 +111,7 @@ FULL = Profile(
     large_step_scale=(("caesar", 1.5), ("swapcase", 1.4)),
 )
 
-PROFILES = {p.name: p for p in (QUICK, FULL)}
+PROFILES: dict[str, Profile | RealProfile] = {p.name: p for p in (QUICK, FULL, REAL_QUICK, REAL)}
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,8 @@ def default_cache() -> Path:
     return Path(platformdirs.user_cache_dir("skillgraft")) / "skillbench"
 
 
-def get_profile(profile: str | Profile) -> Profile:
-    if isinstance(profile, Profile):
+def get_profile(profile: str | Profile | RealProfile) -> Profile | RealProfile:
+    if isinstance(profile, (Profile, RealProfile)):
         return profile
     if profile not in PROFILES:
         raise InputError(f"no SkillBench profile named {profile!r}", hint=f"one of: {', '.join(PROFILES)}")
@@ -186,7 +187,7 @@ def get_profile(profile: str | Profile) -> Profile:
 
 
 def build(
-    profile: str | Profile = "quick",
+    profile: str | Profile | RealProfile = "quick",
     cache_dir: Path | None = None,
     progress: ProgressFn = no_progress,
     rebuild: bool = False,
@@ -211,7 +212,10 @@ def build(
     tmp = cache / f".{prof.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _Builder(prof, tmp, progress).run()
+        if isinstance(prof, RealProfile):
+            _build_real(prof, tmp, cache, progress)
+        else:
+            _Builder(prof, tmp, progress).run()
         old = cache / f".{prof.name}.old-{os.getpid()}"
         if final.exists():
             final.rename(old)
@@ -234,6 +238,34 @@ def _deterministic_torch() -> Iterator[None]:
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(strict)
+
+
+def _build_real(prof: RealProfile, root: Path, cache: Path, progress: ProgressFn) -> None:
+    """A real profile's build into ``root``: base converted (once, into ``cache``), experts trained and scored."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    with _deterministic_torch():
+        fields = RealBuilder(prof, root, cache, progress, lambda key: _seed(prof.seed, key)).run()
+    _write_manifest(root, prof, fields, time.perf_counter() - t0)
+
+
+def _write_manifest(root: Path, prof: Profile | RealProfile, fields: dict[str, Any], seconds: float) -> None:
+    import peft
+    import torch
+    import transformers
+
+    manifest = {
+        "format": FORMAT,
+        "profile": prof.as_json(),
+        "seed": prof.seed,
+        "threads": THREADS,
+        **fields,
+        "build_seconds": round(seconds, 1),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def _seed(seed: int, key: str) -> int:
@@ -286,27 +318,8 @@ class _Builder:
                 large.close()
             self.models.update(models)
             self.accuracy.update(accuracy)
-        import peft
-        import torch
-        import transformers
-
-        manifest = {
-            "format": FORMAT,
-            "profile": self.prof.as_json(),
-            "seed": self.prof.seed,
-            "threads": THREADS,
-            **manifest_data,
-            "tokenizer": "tokenizer",
-            "models": self.models,
-            "accuracy": self.accuracy,
-            "build_seconds": round(time.perf_counter() - t0, 1),
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "peft": peft.__version__,
-            },
-        }
-        (self.root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        fields = {**manifest_data, "tokenizer": "tokenizer", "models": self.models, "accuracy": self.accuracy}
+        _write_manifest(self.root, self.prof, fields, time.perf_counter() - t0)
 
     # -- data ---------------------------------------------------------------------------------------
     def _make_data(self) -> None:

@@ -12,13 +12,20 @@ from skillgraft.cli.main import app, console
 from skillgraft.cli.render import info, print_json, progress_bar
 
 bench_app = typer.Typer(
-    help="SkillBench: string skills with tiny Llama bases and experts built on CPU in minutes.\n\n"
+    help="SkillBench: skills with bases and experts built on CPU — tiny Llamas (quick, full) or the real "
+    "SmolLM2-135M-Instruct with natural-language skills (real-quick, real).\n\n"
     "Example: skillgraft bench build --profile quick && skillgraft bench show --profile quick",
     no_args_is_help=True,
 )
 app.add_typer(bench_app, name="bench")
 
-PROFILE_OPT = typer.Option("quick", "--profile", "-p", help="quick (3 skills, ~1-2 min) or full (8 skills, ~15 min).")
+PROFILE_OPT = typer.Option(
+    "quick",
+    "--profile",
+    "-p",
+    help="quick (3 tiny skills, ~1-2 min), full (8, ~15 min), real-quick (SmolLM2-135M, 4 LoRA skills, ~8 min) "
+    "or real (6 LoRA + 3 full fine-tune skills, ~45 min).",
+)
 CACHE_OPT = typer.Option(
     None, "--cache", envvar="SKILLGRAFT_CACHE", help="Cache directory (default: the user cache's skillbench/)."
 )
@@ -34,6 +41,7 @@ def _summary(m) -> dict:
         "compositions": list(m.compositions),
         "models": {k: {**v, "path": str(m.root / v["path"])} for k, v in m.models.items()},
         "accuracy": m.accuracy,
+        **({"general": m.raw["general"]} if "general" in m.raw else {}),
     }
 
 
@@ -54,9 +62,32 @@ def _table(m) -> Table:
     return table
 
 
+def _general_table(m) -> Table | None:
+    """Real profiles: each model's general-ability check (GSM8K reference log-likelihood, fixed fact prompts)."""
+    general = m.raw.get("general")
+    if not general:
+        return None
+    table = Table(title="General ability (higher is better; the base is the reference)")
+    for c in ("model", "GSM8K loglik / token", "facts exact match"):
+        table.add_column(c, justify="left" if c == "model" else "right")
+    for key, g in general.items():
+        table.add_row(key, f"{g['gsm8k_token_loglik']:.3f}", f"{100 * g['facts_em']:.0f}%")
+    return table
+
+
 def _params_line(m) -> str:
-    b, large = m.models["base"]["params"], m.models["base-large"]["params"]
-    return f"base {b:,} parameters, base-large {large:,}; built in {m.build_seconds:.0f} s"
+    b = m.models["base"]["params"]
+    large = m.models.get("base-large", {}).get("params")
+    sizes = f"base {b:,} parameters" + (f", base-large {large:,}" if large else "")
+    return f"{sizes}; built in {m.build_seconds:.0f} s"
+
+
+def _show(m) -> None:
+    console.print(_table(m))
+    general = _general_table(m)
+    if general is not None:
+        console.print(general)
+    info(_params_line(m))
 
 
 @bench_app.command("build")
@@ -77,8 +108,7 @@ def build_cmd(
     if as_json:
         print_json(_summary(m))
         return
-    console.print(_table(m))
-    info(_params_line(m))
+    _show(m)
 
 
 @bench_app.command("show")
@@ -98,5 +128,4 @@ def show_cmd(
     if as_json:
         print_json(_summary(m))
         return
-    console.print(_table(m))
-    info(_params_line(m))
+    _show(m)

@@ -172,7 +172,10 @@ def inspect(
 
 @app.command()
 def demo(
-    profile: str = typer.Option("quick", help="SkillBench profile: quick (minutes) or full (the complete study)."),
+    profile: str = typer.Option(
+        "real-quick",
+        help="SkillBench profile: real-quick (SmolLM2-135M, the default), real, quick or full (tiny models).",
+    ),
     out: Path = typer.Option(Path("skillgraft-demo"), "-o", "--out", help="Where results.json and report.html go."),
     budget: str = typer.Option("25%", help="Skill pack budget per expert (a fraction of the dense delta, or 'dense')."),
     cache: Path = typer.Option(None, "--cache", envvar="SKILLGRAFT_CACHE", help="SkillBench cache directory."),

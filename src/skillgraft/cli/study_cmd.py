@@ -17,7 +17,7 @@ study_app = typer.Typer(
 )
 app.add_typer(study_app, name="study")
 
-PROFILE = typer.Option("quick", help="SkillBench profile: quick | full.")
+PROFILE = typer.Option("quick", help="SkillBench profile: quick | full | real-quick | real (SmolLM2-135M).")
 CACHE = typer.Option(None, "--cache", envvar="SKILLGRAFT_CACHE", help="SkillBench cache directory.")
 OUT = typer.Option(Path("results.json"), "-o", "--out", help="Results JSON to write.")
 REPORT = typer.Option(None, "--report", help="Also write an HTML report here.")

@@ -194,7 +194,20 @@ def method_table(results: dict[str, Any]) -> Table:
         for r in ranked_methods(results)
     ]
     columns = ("#", "method", "settings", "experts", "skills", "mean normalized", "mean EM", "time (s)")
-    return Table(columns, tuple(rows), (True, False, False, False, True, True, True, True))
+    ranked = ranked_methods(results)
+    if any(r.get("general") for r in ranked):
+        rows = [(*row, *_general_cells(r.get("general"))) for row, r in zip(rows, ranked)]
+        columns = (*columns, *GENERAL_COLUMNS)
+    return Table(columns, tuple(rows), (True, False, False, False, *(True,) * (len(columns) - 4)))
+
+
+GENERAL_COLUMNS = ("GSM8K loglik/token", "facts EM")
+
+
+def _general_cells(general: Any) -> tuple[str, str]:
+    """A model's general-ability check (real profiles): GSM8K reference log-likelihood per token, facts EM."""
+    g = _obj(general)
+    return _fixed(g.get("gsm8k_token_loglik"), 3), _pct(g.get("facts_em"))
 
 
 def _skills(results: dict[str, Any]) -> list[str]:
@@ -220,15 +233,25 @@ def models_table(results: dict[str, Any]) -> Table | None:
     if not base and not experts:
         return None
     skills = _skills(results)
+    general = _obj(results.get("general"))
+    extra = GENERAL_COLUMNS if general else ()
     rows = []
     if base:
-        rows.append(("base", *(_pct(_em(base.get(s))) for s in skills)))
+        rows.append(("base", *(_pct(_em(base.get(s))) for s in skills), *_general_row(general.get("base"), extra)))
     for kind, matrix in experts.items():
+        gens = _obj(_obj(general.get("experts")).get(kind))
         for expert, scores in (matrix if isinstance(matrix, dict) else {}).items():
             scores = scores if isinstance(scores, dict) else {}
-            rows.append((f"{kind} / {expert}", *(_pct(_em(scores.get(s))) for s in skills)))
+            cells = (_pct(_em(scores.get(s))) for s in skills)
+            rows.append((f"{kind} / {expert}", *cells, *_general_row(gens.get(expert), extra)))
     caption = "Exact match; rows are models (expert kind / skill trained on), columns the skill evaluated."
-    return _table(("model", *skills), rows, 1, caption)
+    if extra:
+        caption += " General ability: GSM8K reference log-likelihood per token and fact prompts (higher is better)."
+    return _table(("model", *skills, *extra), rows, 1, caption)
+
+
+def _general_row(general: Any, extra: tuple[str, ...]) -> tuple[str, ...]:
+    return _general_cells(general) if extra else ()
 
 
 def sweep_table(results: dict[str, Any]) -> Table | None:
@@ -239,6 +262,7 @@ def sweep_table(results: dict[str, Any]) -> Table | None:
         rows,
         key=lambda r: (str(r.get("method")), str(r.get("experts")), str(r.get("n_skills")), _num(r.get("lambda")) or 0),
     )
+    extra = GENERAL_COLUMNS if any(r.get("general") for r in rows) else ()
     cells = [
         (
             str(r.get("method", "?")),
@@ -247,10 +271,11 @@ def sweep_table(results: dict[str, Any]) -> Table | None:
             _fixed(r.get("lambda"), 2),
             _pct(r.get("mean_normalized")),
             _pct(r.get("mean_em")),
+            *_general_row(r.get("general"), extra),
         )
         for r in ordered
     ]
-    return _table(("method", "experts", "skills", "λ", "mean normalized", "mean EM"), cells, 2)
+    return _table(("method", "experts", "skills", "λ", "mean normalized", "mean EM", *extra), cells, 2)
 
 
 def compress_table(results: dict[str, Any]) -> Table | None:

@@ -66,6 +66,17 @@ def score(
     return {s: {"em": r.exact_match or 0.0, "loglik": r.mean_loglik or 0.0} for s, r in zip(skills, results)}
 
 
+def general(model: Any, tok: Any, manifest: BenchManifest) -> dict[str, Any] | None:
+    """The general-ability check (GSM8K reference log-likelihood and fixed fact prompts) on builds that record one
+    (the real profiles); None on the tiny profiles, whose character-level models have no general ability."""
+    if "general" not in manifest.raw:
+        return None
+    from skillgraft.eval.general import general_check
+
+    n = int(manifest.raw["profile"].get("n_general", 32))
+    return general_check(model, tok, n_gsm8k=n).to_dict()
+
+
 def check_skills(manifest: BenchManifest, skills: Sequence[str] | None) -> list[str]:
     from skillgraft.errors import InputError
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from skillgraft.bench.build import BenchManifest
 from skillgraft.progress import ProgressFn, no_progress
-from skillgraft.study.common import Scores, check_skills, load, new_results, score
+from skillgraft.study.common import Scores, check_skills, general, load, new_results, score
 
 DEFAULT_METHODS = (
     "linear",
@@ -61,15 +61,23 @@ class _Study:
         self.tmp = tempfile.TemporaryDirectory(prefix="skillgraft-study-")
         self.own: dict[str, dict[str, float]] = {}  # kind -> skill -> expert EM on its own skill
 
-    def score_with(self, pack: Path | None, skills: list[str]) -> Scores:
+    def score_with(self, pack: Path | None, skills: list[str]) -> tuple[Scores, dict[str, Any] | None]:
+        """Scores on ``skills`` with ``pack`` applied, and the general-ability check where the build has one."""
         from skillgraft.skill.apply import apply, unapply
 
         if pack is not None:
             apply(self.model, [pack])
         try:
-            return score(self.model, self.tok, self.m, skills, self.spec.limit)
+            return score(self.model, self.tok, self.m, skills, self.spec.limit), general(self.model, self.tok, self.m)
         finally:
             unapply(self.model)
+
+    def skills_for(self, kind: str) -> list[str]:
+        """The chosen skills that have an expert of ``kind`` (real profiles fine-tune only some skills fully)."""
+        if any(k == kind for k, _, _ in self.spec.packs):
+            return [s for s in self.skills if any(k == kind and x == s for k, x, _ in self.spec.packs)]
+        base_kind = kind.removesuffix("-pack")
+        return [s for s in self.skills if f"experts/{s}-{base_kind}" in self.m.models]
 
     def expert_source(self, kind: str, skill: str) -> str:
         refs = {(k, s): ref for k, s, ref in self.spec.packs}
@@ -98,12 +106,13 @@ class _Study:
             )
         return out
 
-    def experts(self, kind: str) -> dict[str, Scores]:
-        table = {}
-        for s in self.skills:
-            table[s] = self.score_with(self.expert_pack(kind, s), self.skills)
-        self.own[kind] = {s: table[s][s]["em"] for s in self.skills}
-        return table
+    def experts(self, kind: str) -> tuple[dict[str, Scores], dict[str, Any]]:
+        """The interference matrix (each expert on every skill) and each expert's general-ability check."""
+        table, gen = {}, {}
+        for s in self.skills_for(kind):
+            table[s], gen[s] = self.score_with(self.expert_pack(kind, s), self.skills)
+        self.own[kind] = {s: table[s][s]["em"] for s in table}
+        return table, gen
 
     def examples_file(self, skills: list[str]) -> Path:
         path = Path(self.tmp.name) / f"calib-{'-'.join(skills)}.jsonl"
@@ -133,7 +142,7 @@ class _Study:
         t0 = time.perf_counter()
         merge(cfg, MergeOptions(out=out, out_format="skill", overwrite=True, library=self.spec.library))
         seconds = time.perf_counter() - t0
-        scores = self.score_with(out, skills)
+        scores, gen = self.score_with(out, skills)
         norm = {s: (scores[s]["em"] / self.own[kind][s]) if self.own[kind][s] > 0 else 0.0 for s in skills}
         return {
             "method": method,
@@ -146,6 +155,7 @@ class _Study:
             "mean_normalized": sum(norm.values()) / len(norm),
             "mean_em": sum(v["em"] for v in scores.values()) / len(scores),
             "seconds": seconds,
+            "general": gen,
         }
 
 
@@ -160,24 +170,38 @@ def run_merge_study(spec: MergeStudySpec, progress: ProgressFn = no_progress) ->
     skills = check_skills(manifest, spec.skills)
     study = _Study(spec, manifest, skills, progress)
     res = new_results(manifest, skills, spec.command)
-    res["base"] = score(study.model, study.tok, manifest, skills, spec.limit)
+    res["base"], base_general = study.score_with(None, skills)
     res["experts"], res["merge"], res["lambda_sweep"] = {}, [], []
-    sizes = [n for n in (spec.n_skills or (len(skills),)) if 2 <= n <= len(skills)] or [len(skills)]
-    jobs = [(k, n, m) for k in spec.experts for n in sizes for m in spec.methods]
+    if base_general is not None:
+        res["general"] = {"base": base_general, "experts": {}}
+    plan = {kind: _sizes(spec.n_skills, len(study.skills_for(kind))) for kind in spec.experts}
+    total = sum(
+        len(sizes) * (len(spec.methods) + len(spec.sweep_methods) * len(spec.lambdas)) for sizes in plan.values()
+    )
     done = 0
-    for kind in spec.experts:
-        res["experts"][kind] = study.experts(kind)
+    for kind, sizes in plan.items():
+        res["experts"][kind], gen = study.experts(kind)
+        if base_general is not None:
+            res["general"]["experts"][kind] = gen
+        kind_skills = study.skills_for(kind)
         for n in sizes:
-            for method in spec.methods:
-                progress("merge study", done, len(jobs))
-                res["merge"].append(study.merge(kind, skills[:n], method, {}))
+            runs = [(m, {}) for m in spec.methods]
+            runs += [(m, {"lambda": lam}) for m in spec.sweep_methods for lam in spec.lambdas]
+            for method, params in runs:
+                progress("merge study", done, total)
+                r = study.merge(kind, kind_skills[:n], method, params)
+                if params:
+                    keys = ("method", "experts", "n_skills", "lambda", "mean_normalized", "mean_em", "general")
+                    res["lambda_sweep"].append({k: r[k] for k in keys})
+                else:
+                    res["merge"].append(r)
                 done += 1
-            for method in spec.sweep_methods:
-                for lam in spec.lambdas:
-                    r = study.merge(kind, skills[:n], method, {"lambda": lam})
-                    res["lambda_sweep"].append(
-                        {k: r[k] for k in ("method", "experts", "n_skills", "lambda", "mean_normalized", "mean_em")}
-                    )
-    progress("merge study", len(jobs), len(jobs))
+    progress("merge study", total, total)
     study.tmp.cleanup()
     return res
+
+
+def _sizes(n_skills: tuple[int, ...], available: int) -> list[int]:
+    """Merge sizes: each asked n between 2 and the skills available (n past it: all of them), else all."""
+    sizes = sorted({min(n, available) for n in n_skills if n >= 2}) if n_skills else []
+    return [n for n in sizes if n >= 2] or ([available] if available >= 2 else [])
