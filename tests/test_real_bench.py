@@ -168,3 +168,40 @@ def test_lora_training_is_deterministic(tmp_path):
         weights.append({k: v.clone() for k, v in model.state_dict().items() if "lora" in k})
     assert weights[0].keys() == weights[1].keys() and weights[0]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_micro_studies_report_general_ability(micro, tmp_path):
+    """Merge, compress and negation studies on a real build: general ability beside every score, LoRA packs exact."""
+    from skillgraft.eval.report import render_html, render_markdown
+    from skillgraft.study.compress import CompressStudySpec, run_compress_study
+    from skillgraft.study.merge import MergeStudySpec, run_merge_study
+    from skillgraft.study.negate import NegateStudySpec, run_negation_study
+
+    m, _ = micro
+    cache = m.root.parent
+    merge = run_merge_study(
+        MergeStudySpec(
+            profile=MICRO, cache=cache, methods=("ties",), sweep_methods=("task_arithmetic",), lambdas=(0.5,)
+        )
+    )
+    assert [r["experts"] for r in merge["merge"]] == ["lora"]  # one full expert: nothing to merge
+    assert set(merge["experts"]["full"]) == {"units"} and set(merge["experts"]["lora"]) == {"units", "sentiment"}
+    assert merge["general"]["base"] == m.raw["general"]["base"]  # the same check as at build time
+    for row in (*merge["merge"], *merge["lambda_sweep"]):
+        assert row["general"]["gsm8k_token_loglik"] < 0
+    compress = run_compress_study(CompressStudySpec(profile=MICRO, cache=cache, budgets=(0.02,)))
+    lora = [r for r in compress["compress"] if r["budget"] == "lora"]
+    assert {r["skill"] for r in lora} == {"units", "sentiment"}
+    for r in lora:  # an exact import scores what the adapter scored at build time
+        assert r["em"] == pytest.approx(m.accuracy[f"experts/{r['skill']}-lora"][r["skill"]], abs=1 / 8 + 1e-9)
+    assert {r["budget"] for r in compress["compress"] if r["budget"] != "lora"} == {0.02, None}
+    negate = run_negation_study(NegateStudySpec(profile=MICRO, cache=cache))
+    rows = negate["negation"]
+    assert [r["removed"] for r in rows] == [None, "units", "sentiment"] and all(r["general"] for r in rows)
+    assert all("min_others_kept" in r for r in rows[1:])
+    for res in (merge, compress, negate):
+        md = render_markdown(res)
+        assert "GSM8K loglik/token" in md
+        assert render_html(res).startswith("<!DOCTYPE html>")
+    assert "Negation" in render_markdown(negate)

@@ -64,7 +64,7 @@ def test_demo_end_to_end(quick_bench, tmp_path):
     from skillgraft.demo import run_demo
 
     lines: list[str] = []
-    ok = run_demo(tmp_path / "out", cache=quick_bench.root.parent, say=lines.append)
+    ok = run_demo(tmp_path / "out", profile="quick", cache=quick_bench.root.parent, say=lines.append)
     assert ok, "\n".join(lines)
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["experts"] for r in res["merge"]} == {"full-pack", "lora-pack"}

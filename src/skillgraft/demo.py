@@ -4,6 +4,7 @@ into a temporary library, merge the packs with every method, evaluate, rank, and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from collections.abc import Callable
@@ -14,11 +15,13 @@ from skillgraft.progress import ProgressFn, no_progress
 
 # The main methods the demo ranks on the real profile (``skillgraft study merge`` runs every method and λ).
 REAL_METHODS = ("task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della")
+# The demo keeps to minutes: experts are scored on their own skill only (the interference matrix is
+# ``study merge``'s) and every method runs at its default settings (``study merge`` sweeps λ).
 
 
 def run_demo(
     out_dir: Path = Path("skillgraft-demo"),
-    profile: str = "real-quick",
+    profile: str | Any = "real-quick",  # a profile name, or a Profile / RealProfile object
     budget: float | None = 0.25,
     cache: Path | None = None,
     say: Callable[[str], None] = print,
@@ -29,16 +32,18 @@ def run_demo(
 
     On a real profile (SmolLM2-135M-Instruct) the LoRA experts are imported exactly and merged with the main
     methods; on a tiny profile full fine-tunes are also extracted at ``budget`` and every method runs."""
-    from skillgraft.bench.build import build
+    from skillgraft.bench.build import build, get_profile
+    from skillgraft.bench.real import RealProfile
     from skillgraft.eval.report import render_html
     from skillgraft.io.writer import atomic_path
     from skillgraft.library import Library
     from skillgraft.study.merge import MergeStudySpec, run_merge_study
 
-    real = profile.startswith("real")
+    prof = get_profile(profile)
+    real, profile = isinstance(prof, RealProfile), prof.name
     what = "SmolLM2-135M-Instruct and a LoRA expert per skill" if real else "the base and one expert per skill"
     say(f"1. SkillBench ({profile}): building or reusing {what}")
-    manifest = build(profile, cache, progress)
+    manifest = build(prof, cache, progress)
     say(f"   {manifest.root} — skills: {', '.join(manifest.skills)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="skillgraft-demo-") as tmp:
@@ -54,15 +59,16 @@ def run_demo(
         methods = f"the main methods ({', '.join(REAL_METHODS)})" if real else "every method"
         say(f"3. merging the packs of each kind with {methods}, evaluating every merge on every skill")
         spec = MergeStudySpec(
-            profile=profile,
+            profile=prof,
             cache=cache,
             experts=kinds,
             packs=tuple(refs),
             library=Path(tmp) / "library",
             lambdas=(0.5, 1.0),
             command="skillgraft demo",
-            **({"methods": REAL_METHODS, "sweep_methods": ("task_arithmetic",)} if real else {}),
         )
+        if real:
+            spec = dataclasses.replace(spec, methods=REAL_METHODS, sweep_methods=(), interference=False)
         results = run_merge_study(spec, progress)
     with atomic_path(out_dir / "results.json", overwrite=True) as t:
         t.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

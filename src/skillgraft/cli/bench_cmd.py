@@ -23,7 +23,7 @@ PROFILE_OPT = typer.Option(
     "quick",
     "--profile",
     "-p",
-    help="quick (3 tiny skills, ~1-2 min), full (8, ~15 min), real-quick (SmolLM2-135M, 4 LoRA skills, ~8 min) "
+    help="quick (3 tiny skills, ~1-2 min), full (8, ~15 min), real-quick (SmolLM2-135M, 3 LoRA skills, ~6 min) "
     "or real (6 LoRA + 3 full fine-tune skills, ~45 min).",
 )
 CACHE_OPT = typer.Option(
@@ -48,17 +48,19 @@ def _summary(m) -> dict:
 def _table(m) -> Table:
     """One row per skill: base, large base, and each expert on that skill (test-split exact match)."""
     table = Table(title=f"SkillBench {m.profile} — exact match on each skill's test split ({m.root})")
-    cols = ("skill", "base", "full", "lora", "base-large", "large full")
+    cols = {"base": "base", "full": "experts/{}-full", "lora": "experts/{}-lora"}
+    if "base-large" in m.models:  # the tiny profiles' larger base (cross-scale transfer)
+        cols |= {"base-large": "base-large", "large full": "experts-large/{}-full"}
+    table.add_column("skill")
     for c in cols:
-        table.add_column(c, justify="left" if c == "skill" else "right")
+        table.add_column(c, justify="right")
 
     def pct(key: str, skill: str) -> str:
         v = m.accuracy.get(key, {}).get(skill)
         return "-" if v is None else f"{100 * v:.1f}%"
 
     for s in m.skills:
-        keys = ("base", f"experts/{s}-full", f"experts/{s}-lora", "base-large", f"experts-large/{s}-full")
-        table.add_row(s, *(pct(k, s) for k in keys))
+        table.add_row(s, *(pct(k.format(s), s) for k in cols.values()))
     return table
 
 

@@ -13,7 +13,7 @@ from skillgraft.cli.render import info, progress_bar
 from skillgraft.cli.skill_cmd import _command_line, parse_fraction
 
 study_app = typer.Typer(
-    help="Measure merges, compression and cross-scale transfer on SkillBench.", no_args_is_help=True
+    help="Measure merges, compression, negation and cross-scale transfer on SkillBench.", no_args_is_help=True
 )
 app.add_typer(study_app, name="study")
 
@@ -104,6 +104,36 @@ def compress_study(
     )
     with progress_bar() as progress:
         results = run_compress_study(spec, progress)
+    _finish(results, out, report)
+
+
+@study_app.command("negate")
+def negate_study(
+    profile: str = PROFILE,
+    cache: Path = CACHE,
+    skill: list[str] = SKILLS,
+    experts: str = typer.Option("lora,full", help="Expert kinds: lora, full or both."),
+    limit: int = LIMIT,
+    out: Path = OUT,
+    report: Path = REPORT,
+) -> None:
+    """Remove one skill from a multi-skill model (its pack at weight −1): the removed skill and the others.
+
+    Example: skillgraft study negate --profile real --limit 50 -o negate.json --report negate.html
+    """
+    from skillgraft.study.negate import NegateStudySpec, run_negation_study
+
+    kinds = tuple(k.strip() for k in experts.split(",") if k.strip())
+    bad = [k for k in kinds if k not in ("lora", "full")]
+    if bad or not kinds:
+        from skillgraft.errors import InputError
+
+        raise InputError(f"unknown expert kind {bad[0] if bad else experts!r}", hint="use lora, full or lora,full")
+    spec = NegateStudySpec(
+        profile=profile, cache=cache, skills=tuple(skill), experts=kinds, limit=limit, command=_command_line()
+    )
+    with progress_bar() as progress:
+        results = run_negation_study(spec, progress)
     _finish(results, out, report)
 
 

@@ -116,6 +116,8 @@ def _bytes(value: Any) -> str:
 
 def _budget(value: Any) -> str:
     v = _num(value)
+    if value == "lora":
+        return "LoRA, exact"
     return "dense" if value is None else "-" if v is None else f"{100 * v:g}%"
 
 
@@ -179,7 +181,9 @@ def ranked_methods(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def method_table(results: dict[str, Any]) -> Table:
-    """The ranked merge-method table (what ``demo`` prints)."""
+    """The ranked merge-method table (what ``demo`` prints); general-ability columns where the study has them."""
+    ranked = ranked_methods(results)
+    general = any(r.get("general") for r in ranked)
     rows = [
         (
             str(r["rank"]),
@@ -190,14 +194,21 @@ def method_table(results: dict[str, Any]) -> Table:
             _pct(r.get("mean_normalized")),
             _pct(r.get("mean_em")),
             _seconds(r.get("seconds")),
+            *(_general_cells(r.get("general")) if general else ()),
         )
-        for r in ranked_methods(results)
+        for r in ranked
     ]
-    columns = ("#", "method", "settings", "experts", "skills", "mean normalized", "mean EM", "time (s)")
-    ranked = ranked_methods(results)
-    if any(r.get("general") for r in ranked):
-        rows = [(*row, *_general_cells(r.get("general"))) for row, r in zip(rows, ranked)]
-        columns = (*columns, *GENERAL_COLUMNS)
+    columns: tuple[str, ...] = (
+        "#",
+        "method",
+        "settings",
+        "experts",
+        "skills",
+        "mean normalized",
+        "mean EM",
+        "time (s)",
+    )
+    columns += GENERAL_COLUMNS if general else ()
     return Table(columns, tuple(rows), (True, False, False, False, *(True,) * (len(columns) - 4)))
 
 
@@ -284,6 +295,7 @@ def compress_table(results: dict[str, Any]) -> Table | None:
         return None
     skill = _skill_key(results)
     ordered = sorted(rows, key=lambda r: (skill(r.get("skill")), r.get("budget") is None, _num(r.get("budget")) or 0))
+    extra = GENERAL_COLUMNS if any(r.get("general") for r in rows) else ()
     cells = []
     for r in ordered:
         size, dense = _num(r.get("bytes")), _num(r.get("dense_bytes"))
@@ -297,10 +309,39 @@ def compress_table(results: dict[str, Any]) -> Table | None:
                 _pct(r.get("expert_em")),
                 _pct(r.get("retained")),
                 _pct(r.get("energy_retained")),
+                *_general_row(r.get("general"), extra),
             )
         )
-    columns = ("skill", "budget", "size", "of dense", "EM", "expert EM", "retained", "energy retained")
-    return _table(columns, cells, 1, "Retained = EM of the compressed skill / EM of the dense expert.")
+    columns = ("skill", "budget", "size", "of dense", "EM", "expert EM", "retained", "energy retained", *extra)
+    caption = "Retained = EM of the compressed skill / EM of the dense expert (LoRA: / the adapter's own EM)."
+    return _table(columns, cells, 1, caption)
+
+
+def negation_table(results: dict[str, Any]) -> Table | None:
+    """Each removal (one pack applied at −1 on top of all packs at +1): every skill's EM, the removed skill's
+    distance to the base, and the smallest share of their start-model accuracy the other skills keep."""
+    rows = results.get("negation") or []
+    if not rows:
+        return None
+    skills = _skills(results)
+    extra = GENERAL_COLUMNS if any(r.get("general") for r in rows) else ()
+    cells = []
+    for r in rows:
+        scores = _obj(r.get("scores"))
+        above = _num(r.get("removed_above_base"))
+        cells.append(
+            (
+                str(r.get("experts", "-")),
+                "none (all packs)" if r.get("removed") is None else f"− {r['removed']}",
+                *(_pct(_em(scores.get(s))) if s in scores else "-" for s in skills),
+                "-" if above is None else f"{100 * above:+.1f} pts",
+                _pct(r.get("min_others_kept")),
+                *_general_row(r.get("general"), extra),
+            )
+        )
+    columns = ("experts", "removed", *skills, "removed vs base", "others kept (min)", *extra)
+    caption = "Start: every pack at +1 (task arithmetic, λ 1); removing a skill applies its pack again at −1."
+    return _table(columns, cells, 2, caption)
 
 
 def _transfer_order(method: str) -> tuple[int, str]:
@@ -382,6 +423,9 @@ def sections(results: dict[str, Any]) -> list[Section]:
     if table:
         figure = partial(plots.compression_curve, results["compress"])
         out.append(Section("Compression", (table,), (figure,), ("Retained accuracy vs pack budget (log x).",)))
+    table = negation_table(results)
+    if table:
+        out.append(Section("Negation", (table,)))
     table = transfer_table(results)
     if table:
         figure = partial(plots.transfer_bars, results["transfer"], skills)

@@ -1,7 +1,8 @@
 """``study compress``: how much of each full fine-tune's skill a pack keeps at 0.5%–10% of the dense delta.
 
 Each expert is extracted at every budget (and dense), applied in memory to the base and scored on its skill;
-retained = exact match with the pack ÷ the expert's own exact match.
+retained = exact match with the pack ÷ the expert's own exact match. LoRA experts are imported exactly (budget
+``"lora"``) and compared with the adapter's own score recorded at build time.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from skillgraft.bench.build import Profile
+from skillgraft.bench.real import RealProfile
 from skillgraft.progress import ProgressFn, no_progress
-from skillgraft.study.common import check_skills, load, new_results, score
+from skillgraft.study.common import check_skills, general, load, new_results, score
 
 BUDGETS: tuple[float | None, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, None)  # None: dense
 
 
 @dataclass(frozen=True)
 class CompressStudySpec:
-    profile: str = "quick"
+    profile: str | Profile | RealProfile = "quick"  # a profile name or object
     cache: Path | None = None
     skills: tuple[str, ...] = ()
     budgets: tuple[float | None, ...] = BUDGETS
@@ -39,10 +42,14 @@ def run_compress_study(spec: CompressStudySpec, progress: ProgressFn = no_progre
     model, tok = load(base_dir)
     res = new_results(manifest, skills, spec.command)
     res["base"] = score(model, tok, manifest, skills, spec.limit)
+    base_general = general(model, tok, manifest)
+    if base_general is not None:
+        res["general"] = {"base": base_general}
     rows: list[dict[str, Any]] = []
+    full = [s for s in skills if f"experts/{s}-full" in manifest.models]
     with tempfile.TemporaryDirectory(prefix="skillgraft-compress-") as tmp:
-        for i, s in enumerate(skills):
-            progress("compress study", i, len(skills))
+        for i, s in enumerate(full):
+            progress("compress study", i, len(full))
             tuned = manifest.model_dir(f"experts/{s}-full")
             expert_em: float | None = None
             budgets = {*spec.budgets, None}  # dense is always measured: it is the expert itself
@@ -61,6 +68,7 @@ def run_compress_study(spec: CompressStudySpec, progress: ProgressFn = no_progre
                 )
                 apply(model, [out])
                 em = score(model, tok, manifest, [s], spec.limit)[s]["em"]
+                gen = general(model, tok, manifest)
                 unapply(model)
                 if budget is None:
                     expert_em = em
@@ -74,12 +82,44 @@ def run_compress_study(spec: CompressStudySpec, progress: ProgressFn = no_progre
                         "dense_bytes": r.dense_delta_bytes,
                         "em": em,
                         "energy_retained": kept,
+                        "general": gen,
                     }
                 )
             for row in rows:
                 if row["skill"] == s:
                     row["expert_em"] = expert_em
                     row["retained"] = float(row["em"]) / expert_em if expert_em else 0.0
-    progress("compress study", len(skills), len(skills))
+        lora = [s for s in skills if f"experts/{s}-lora" in manifest.models]
+        rows += _lora_rows(manifest, model, tok, lora, spec, tmp)
+    progress("compress study", len(full), len(full))
     res["compress"] = rows
     return res
+
+
+def _lora_rows(manifest: Any, model: Any, tok: Any, skills: list[str], spec: CompressStudySpec, tmp: str) -> list:
+    """Each LoRA expert imported exactly as a pack, applied and scored; ``expert_em`` is the adapter's own score
+    (PEFT's unmerged forward, recorded in the manifest at build time on the whole test split)."""
+    from skillgraft.io.peft_adapter import import_lora
+    from skillgraft.skill.apply import apply, unapply
+
+    rows = []
+    for s in skills:
+        out = Path(tmp) / f"{s}-lora.skill"
+        import_lora(manifest.model_dir(f"experts/{s}-lora"), out, base=manifest.model_dir("base"), overwrite=True)
+        apply(model, [out])
+        em = score(model, tok, manifest, [s], spec.limit)[s]["em"]
+        gen = general(model, tok, manifest)
+        unapply(model)
+        expert_em = manifest.accuracy[f"experts/{s}-lora"][s]
+        rows.append(
+            {
+                "skill": s,
+                "budget": "lora",
+                "bytes": out.stat().st_size,
+                "em": em,
+                "expert_em": expert_em,
+                "retained": em / expert_em if expert_em else 0.0,
+                "general": gen,
+            }
+        )
+    return rows

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skillgraft.bench.build import BenchManifest
+from skillgraft.bench.build import BenchManifest, Profile
+from skillgraft.bench.real import RealProfile
 from skillgraft.progress import ProgressFn, no_progress
 from skillgraft.study.common import Scores, check_skills, general, load, new_results, score
 
@@ -38,7 +39,7 @@ SWEEP = ("task_arithmetic", "ties")
 
 @dataclass(frozen=True)
 class MergeStudySpec:
-    profile: str = "quick"
+    profile: str | Profile | RealProfile = "quick"  # a profile name or object
     cache: Path | None = None
     skills: tuple[str, ...] = ()  # empty: every skill of the build
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -51,6 +52,7 @@ class MergeStudySpec:
     command: str = ""
     packs: tuple[tuple[str, str, str], ...] = ()  # (kind, skill, library reference): experts stored as packs
     library: Path | None = None
+    interference: bool = True  # score every expert on every skill (off: on its own skill only, as the demo does)
 
 
 class _Study:
@@ -110,7 +112,8 @@ class _Study:
         """The interference matrix (each expert on every skill) and each expert's general-ability check."""
         table, gen = {}, {}
         for s in self.skills_for(kind):
-            table[s], gen[s] = self.score_with(self.expert_pack(kind, s), self.skills)
+            on = self.skills if self.spec.interference else [s]
+            table[s], gen[s] = self.score_with(self.expert_pack(kind, s), on)
         self.own[kind] = {s: table[s][s]["em"] for s in table}
         return table, gen
 
@@ -185,7 +188,7 @@ def run_merge_study(spec: MergeStudySpec, progress: ProgressFn = no_progress) ->
             res["general"]["experts"][kind] = gen
         kind_skills = study.skills_for(kind)
         for n in sizes:
-            runs = [(m, {}) for m in spec.methods]
+            runs: list[tuple[str, dict[str, Any]]] = [(m, {}) for m in spec.methods]
             runs += [(m, {"lambda": lam}) for m in spec.sweep_methods for lam in spec.lambdas]
             for method, params in runs:
                 progress("merge study", done, total)
