@@ -205,3 +205,22 @@ def test_micro_studies_report_general_ability(micro, tmp_path):
         assert "GSM8K loglik/token" in md
         assert render_html(res).startswith("<!DOCTYPE html>")
     assert "Negation" in render_markdown(negate)
+
+
+@pytest.mark.slow
+def test_demo_on_a_real_profile(micro, tmp_path):
+    """The README's main job on the real model: LoRA packs in a library, the main methods, general ability shown."""
+    from skillgraft.demo import REAL_METHODS, run_demo
+
+    m, _ = micro
+    lines: list[str] = []
+    run_demo(tmp_path / "out", profile=MICRO, cache=m.root.parent, say=lines.append)
+    text = "\n".join(lines)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["method"] for r in res["merge"]} == set(REAL_METHODS) and {r["experts"] for r in res["merge"]} == {
+        "lora-pack"
+    }
+    assert all(r["general"]["facts_em"] >= 0 for r in res["merge"])
+    assert set(res["experts"]["lora-pack"]["units"]) == {"units"}  # own skill only: no interference matrix here
+    assert "general ability of the base" in text and "GSM8K" in text
+    assert (tmp_path / "out" / "report.html").read_text().startswith("<!DOCTYPE html>")

@@ -49,9 +49,11 @@ def run_demo(
     with tempfile.TemporaryDirectory(prefix="skillgraft-demo-") as tmp:
         lib = Library(Path(tmp) / "library")
         label = "dense" if budget is None else f"{budget:.1%}"
+        full = any(k.endswith("-full") for k in manifest.models)
         say(
-            f"2. one skill pack per expert into a temporary library: full fine-tunes extracted at {label} of the "
-            "dense delta, LoRA experts imported exactly"
+            "2. one skill pack per expert into a temporary library: "
+            + (f"full fine-tunes extracted at {label} of the dense delta, " if full else "")
+            + "LoRA experts imported exactly"
         )
         refs = _store_packs(manifest, lib, Path(tmp), budget, profile, say)
         lib.close()

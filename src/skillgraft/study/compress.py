@@ -41,7 +41,7 @@ def run_compress_study(spec: CompressStudySpec, progress: ProgressFn = no_progre
     base_dir = manifest.model_dir("base")
     model, tok = load(base_dir)
     res = new_results(manifest, skills, spec.command)
-    res["base"] = score(model, tok, manifest, skills, spec.limit)
+    res["base"] = score(model, tok, manifest, skills, spec.limit, loglik=False)
     base_general = general(model, tok, manifest)
     if base_general is not None:
         res["general"] = {"base": base_general}
@@ -67,7 +67,7 @@ def run_compress_study(spec: CompressStudySpec, progress: ProgressFn = no_progre
                     )
                 )
                 apply(model, [out])
-                em = score(model, tok, manifest, [s], spec.limit)[s]["em"]
+                em = score(model, tok, manifest, [s], spec.limit, loglik=False)[s]["em"]
                 gen = general(model, tok, manifest)
                 unapply(model)
                 if budget is None:
@@ -107,7 +107,7 @@ def _lora_rows(manifest: Any, model: Any, tok: Any, skills: list[str], spec: Com
         out = Path(tmp) / f"{s}-lora.skill"
         import_lora(manifest.model_dir(f"experts/{s}-lora"), out, base=manifest.model_dir("base"), overwrite=True)
         apply(model, [out])
-        em = score(model, tok, manifest, [s], spec.limit)[s]["em"]
+        em = score(model, tok, manifest, [s], spec.limit, loglik=False)[s]["em"]
         gen = general(model, tok, manifest)
         unapply(model)
         expert_em = manifest.accuracy[f"experts/{s}-lora"][s]

@@ -70,7 +70,9 @@ class _Study:
         if pack is not None:
             apply(self.model, [pack])
         try:
-            return score(self.model, self.tok, self.m, skills, self.spec.limit), general(self.model, self.tok, self.m)
+            return score(self.model, self.tok, self.m, skills, self.spec.limit, loglik=False), general(
+                self.model, self.tok, self.m
+            )
         finally:
             unapply(self.model)
 

@@ -55,7 +55,7 @@ def run_negation_study(spec: NegateStudySpec, progress: ProgressFn = no_progress
     skills = check_skills(manifest, spec.skills)
     model, tok = load(manifest.model_dir("base"))
     res = new_results(manifest, skills, spec.command)
-    res["base"] = score(model, tok, manifest, skills, spec.limit)
+    res["base"] = score(model, tok, manifest, skills, spec.limit, loglik=False)
     base_general = general(model, tok, manifest)
     if base_general is not None:
         res["general"] = {"base": base_general}
@@ -73,7 +73,7 @@ def run_negation_study(spec: NegateStudySpec, progress: ProgressFn = no_progress
                     refs.append((packs[removed], -1.0))
                 apply(model, refs)
                 try:
-                    scores = score(model, tok, manifest, chosen, spec.limit)
+                    scores = score(model, tok, manifest, chosen, spec.limit, loglik=False)
                     gen = general(model, tok, manifest)
                 finally:
                     unapply(model)
