@@ -12,9 +12,13 @@ SG=.venv/bin/skillgraft
 OUT=benchmarks/results
 mkdir -p "$OUT"
 $SG -q bench build --profile real "${CACHE_ARGS[@]}"
-/usr/bin/time -v $SG -q study merge --profile real "${CACHE_ARGS[@]}" --n-skills 4 --n-skills 6 --limit "$LIMIT" \
-  -o $OUT/real_merge.json --report $OUT/real_merge.html 2> $OUT/real_merge.time
-/usr/bin/time -v $SG -q study compress --profile real "${CACHE_ARGS[@]}" --limit "$LIMIT" \
-  -o $OUT/real_compress.json --report $OUT/real_compress.html 2> $OUT/real_compress.time
-/usr/bin/time -v $SG -q study negate --profile real "${CACHE_ARGS[@]}" --limit "$LIMIT" \
-  -o $OUT/real_negate.json --report $OUT/real_negate.html 2> $OUT/real_negate.time
+study() {  # NAME ARGS...: one study, its JSON, HTML report and /usr/bin/time output under $OUT
+  local name=$1
+  shift
+  /usr/bin/time -v $SG -q study "$@" "${CACHE_ARGS[@]}" --limit "$LIMIT" \
+    -o "$OUT/real_$name.json" --report "$OUT/real_$name.html" > "$OUT/real_$name.log" 2>&1
+}
+study merge_lora merge --profile real --experts lora --n-skills 4 --n-skills 6
+study compress compress --profile real
+study negate negate --profile real
+study merge_full merge --profile real --experts full
