@@ -4,8 +4,11 @@ end — converted from its GGUF, a LoRA and a full fine-tune trained briefly, ex
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
+import os
+import shutil
 
 import pytest
 
@@ -64,6 +67,11 @@ def test_skills_are_at_least_six_with_distinct_formats():
     assert len(instructions) == len(REAL.skills)
 
 
+def test_profiles_round_trip_through_the_manifest():
+    for prof in (REAL, REAL_QUICK):
+        assert RealProfile.from_json(json.loads(json.dumps(prof.as_json()))) == prof
+
+
 def test_unknown_skill_suggests():
     from skillgraft.errors import InputError
 
@@ -112,6 +120,32 @@ def test_micro_build_layout_scores_and_reuse(micro):
     rows = [json.loads(line) for line in m.data_path("units", "test").read_text().splitlines()]
     assert len(rows) == 8 and rows[0]["prompt"].startswith("<|im_start|>system")
     assert build(MICRO, m.root.parent).build_seconds == m.build_seconds  # reused, not rebuilt
+
+
+@pytest.mark.slow
+def test_changed_profile_retrains_only_the_changed_experts(micro, tmp_path):
+    """Changing one skill's steps retrains that skill's expert; the others are hard-linked with their scores."""
+    from skillgraft.bench.build import THREADS, build
+    from skillgraft.bench.real import expert_recipe, library_versions
+
+    m, _ = micro
+    for name in ("_base", MICRO.name):  # a copy of the cache made of hard links
+        shutil.copytree(m.root.parent / name, tmp_path / name, copy_function=os.link)
+    changed = dataclasses.replace(MICRO, step_scale=(("sentiment", 2.0),))
+    v = library_versions()
+    for key, same in (("experts/units-lora", True), ("experts/units-full", True), ("experts/sentiment-lora", False)):
+        before, after = (expert_recipe(p, key, m.root, v, THREADS) for p in (MICRO, changed))
+        assert (before == after) is same, key
+    m2 = build(changed, tmp_path)
+    assert m2.raw["reused"] == ["experts/units-lora", "experts/units-full"]
+    assert m2.models["experts/sentiment-lora"]["steps"] == 12 and m.models["experts/sentiment-lora"]["steps"] == 6
+    for key in m2.raw["reused"]:
+        assert m2.accuracy[key] == m.accuracy[key] and m2.raw["general"][key] == m.raw["general"][key]
+        for f in m.model_dir(key).iterdir():
+            assert (m2.model_dir(key) / f.name).samefile(f), f  # the same file, not a retrained copy
+    assert not (m2.model_dir("experts/sentiment-lora") / "adapter_model.safetensors").samefile(
+        m.model_dir("experts/sentiment-lora") / "adapter_model.safetensors"
+    )
 
 
 @pytest.mark.slow
@@ -195,8 +229,9 @@ def test_micro_studies_report_general_ability(micro, tmp_path):
     compress = run_compress_study(CompressStudySpec(profile=MICRO, cache=cache, budgets=(0.02,)))
     lora = [r for r in compress["compress"] if r["budget"] == "lora"]
     assert {r["skill"] for r in lora} == {"units", "sentiment"}
-    for r in lora:  # an exact import scores what the adapter scored at build time
-        assert r["em"] == pytest.approx(m.accuracy[f"experts/{r['skill']}-lora"][r["skill"]], abs=1 / 8 + 1e-9)
+    for r in lora:  # an exact import scores what the adapter scores on the same rows (and at build time)
+        assert r["em"] == pytest.approx(r["expert_em"], abs=1 / 8 + 1e-9)
+        assert r["expert_em"] == m.accuracy[f"experts/{r['skill']}-lora"][r["skill"]]
     assert {r["budget"] for r in compress["compress"] if r["budget"] != "lora"} == {0.02, None}
     negate = run_negation_study(NegateStudySpec(profile=MICRO, cache=cache))
     rows = negate["negation"]

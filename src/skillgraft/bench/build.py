@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from skillgraft.bench import skills as sk
-from skillgraft.bench.real import REAL, REAL_QUICK, RealBuilder, RealProfile
+from skillgraft.bench.real import REAL, REAL_QUICK, RealBuilder, RealProfile, library_versions
 from skillgraft.bench.train import ModelSize, Stage, exact_match, n_params, new_model, train, with_lora
 from skillgraft.errors import InputError, NotFoundError
 from skillgraft.progress import ProgressFn, no_progress
@@ -193,7 +194,9 @@ def build(
     rebuild: bool = False,
 ) -> BenchManifest:
     """Build ``profile`` into ``<cache_dir>/<name>`` (default cache: :func:`default_cache`), or return the
-    existing build when its manifest records the same profile and ``rebuild`` is off.
+    existing build when its manifest records the same profile and ``rebuild`` is off. When a real profile changed,
+    the experts whose recipe did not (:func:`~skillgraft.bench.real.expert_recipe`) are reused from the existing
+    build; ``rebuild`` trains everything again.
 
     The build happens in a temporary sibling directory that is renamed into place at the end, so an
     interrupted build leaves nothing under the final name. Same profile → same data and bit-identical weights.
@@ -213,7 +216,8 @@ def build(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if isinstance(prof, RealProfile):
-            _build_real(prof, tmp, cache, progress)
+            previous = final if not rebuild and (final / "manifest.json").exists() else None
+            _build_real(prof, tmp, cache, progress, previous)
         else:
             _Builder(prof, tmp, progress).run()
         old = cache / f".{prof.name}.old-{os.getpid()}"
@@ -240,22 +244,19 @@ def _deterministic_torch() -> Iterator[None]:
         torch.use_deterministic_algorithms(strict)
 
 
-def _build_real(prof: RealProfile, root: Path, cache: Path, progress: ProgressFn) -> None:
+def _build_real(prof: RealProfile, root: Path, cache: Path, progress: ProgressFn, previous: Path | None) -> None:
     """A real profile's build into ``root``: base converted (once, into ``cache``), experts trained and scored."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     with _deterministic_torch():
-        fields = RealBuilder(prof, root, cache, progress, lambda key: _seed(prof.seed, key)).run()
+        seed_of = functools.partial(_seed, prof.seed)
+        fields = RealBuilder(prof, root, cache, progress, seed_of, THREADS, previous).run()
     _write_manifest(root, prof, fields, time.perf_counter() - t0)
 
 
 def _write_manifest(root: Path, prof: Profile | RealProfile, fields: dict[str, Any], seconds: float) -> None:
-    import peft
-    import torch
-    import transformers
-
     manifest = {
         "format": FORMAT,
         "profile": prof.as_json(),
@@ -263,7 +264,7 @@ def _write_manifest(root: Path, prof: Profile | RealProfile, fields: dict[str, A
         "threads": THREADS,
         **fields,
         "build_seconds": round(seconds, 1),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "versions": library_versions(),
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 

@@ -8,6 +8,7 @@ The build writes the same manifest layout as the tiny profiles (``models/base``,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,11 @@ BASE_NAME = "smollm2-135m-instruct"
 # Full fine-tunes train every linear projection of the 30 decoder layers; the tied embedding / LM head (28 M of
 # the 134.5 M parameters, and the costliest gradient here) and the norms stay frozen.
 FULL_TRAINABLE = LORA_TARGETS
+
+
+def _tuples(v: Any) -> Any:
+    """JSON lists back into the tuples a frozen profile holds."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
 @dataclass(frozen=True)
@@ -47,21 +53,28 @@ class RealProfile:
     def as_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RealProfile:
+        """The profile a manifest records (``as_json``'s inverse)."""
+        fields = {k: _tuples(v) for k, v in d.items()}
+        return cls(**{**fields, "lora": Stage(**d["lora"]), "full": Stage(**d["full"])})
+
     def stage_for(self, stage: Stage, skill: str) -> Stage:
         steps = max(1, round(stage.steps * dict(self.step_scale).get(skill, 1.0)))
         return dataclasses.replace(stage, steps=steps)
 
 
 # Stages chosen from trial runs on this machine (docs/skillbench.md): LoRA experts reached 91-100% exact match on
-# 32 test rows after 60 steps at 2e-3; compare (91% at 60) gets 1.5x steps. Full fine-tunes: units 97% after 60 steps
-# at 5e-5 with batch 8, and its 2% pack kept all of it.
+# 32 test rows after 60 steps at 2e-3. compare (91% at 60 on 32 rows) reached only 86% on 100 rows with 1.5x steps
+# (120) in the first real build, so it gets 2.5x (200). Full fine-tunes: units 97% after 60 steps at 5e-5 with
+# batch 8, and its 2% pack kept all of it.
 REAL = RealProfile(
     name="real",
     skills=("units", "sentiment", "extract", "compare", "cipher", "list"),
     full_skills=("units", "sentiment", "extract"),
     lora=Stage(steps=80, lr=2e-3, batch=8),
     full=Stage(steps=60, lr=5e-5, batch=8),
-    step_scale=(("compare", 1.5),),
+    step_scale=(("compare", 2.5),),
 )
 
 # The demo's profile: the three skills LoRA learns fastest, so a fresh clone's `make demo` fits in 15 minutes on
@@ -91,6 +104,30 @@ def base_checkpoint(cache: Path, progress: ProgressFn) -> Path:
     return out
 
 
+def library_versions() -> dict[str, str]:
+    """The versions a build's weights depend on, recorded in its manifest."""
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def expert_recipe(prof: RealProfile, key: str, root: Path, versions: dict[str, str], threads: int) -> dict[str, Any]:
+    """Everything an expert's weights and scores depend on: its stage, the seed, the rank or trained weights, its
+    skill's training and test rows (as written under ``root``), the library versions and the thread count. Equal
+    recipes give bit-identical experts, so a build reuses an expert whose recipe did not change."""
+    skill, kind = key.removeprefix("experts/").rsplit("-", 1)
+    stage = prof.stage_for(prof.lora if kind == "lora" else prof.full, skill)
+    digest = hashlib.sha256()
+    for split in ("train", "test"):
+        digest.update((root / "data" / skill / f"{split}.jsonl").read_bytes())
+    recipe = {"key": key, "seed": prof.seed, "stage": dataclasses.asdict(stage), "n_general": prof.n_general}
+    recipe |= {"data": digest.hexdigest(), "versions": versions, "threads": threads}
+    recipe |= {"rank": prof.lora_rank} if kind == "lora" else {"trainable": list(FULL_TRAINABLE)}
+    return recipe
+
+
 def _link_tree(src: Path, dst: Path) -> None:
     """``dst`` as a copy of ``src`` made of hard links where the filesystem allows (the base is 517 MB)."""
     dst.mkdir(parents=True)
@@ -101,11 +138,33 @@ def _link_tree(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+def _previous_build(root: Path | None) -> tuple[Path, dict[str, Any]] | None:
+    if root is None:
+        return None
+    try:
+        return root, json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class RealBuilder:
     """One real build into ``root`` (a temporary directory the caller renames into place)."""
 
-    def __init__(self, prof: RealProfile, root: Path, cache: Path, progress: ProgressFn, seed_of: Any) -> None:
+    def __init__(
+        self,
+        prof: RealProfile,
+        root: Path,
+        cache: Path,
+        progress: ProgressFn,
+        seed_of: Any,
+        threads: int,
+        previous: Path | None = None,
+    ) -> None:
+        """``previous``: an earlier build of the same profile name whose unchanged experts are reused."""
         self.prof, self.root, self.cache, self.progress, self._seed = prof, root, cache, progress, seed_of
+        self.threads, self.versions = threads, library_versions()
+        self.previous = _previous_build(previous)
+        self.reused: list[str] = []
         self.models: dict[str, dict[str, Any]] = {}
         self.accuracy: dict[str, dict[str, float]] = {}
         self.general: dict[str, dict[str, Any]] = {}
@@ -137,6 +196,7 @@ class RealBuilder:
             "models": self.models,
             "accuracy": self.accuracy,
             "general": self.general,
+            "reused": self.reused,
         }
 
     # -- data ---------------------------------------------------------------------------------------------------
@@ -186,11 +246,36 @@ class RealBuilder:
         self._report()
 
     # -- experts ------------------------------------------------------------------------------------------------
+    def _reuse(self, key: str, stage: Stage) -> bool:
+        """Hard-link ``key`` and its scores from the previous build when its recipe is unchanged."""
+        if self.previous is None:
+            return False
+        root, m = self.previous
+        entry = m.get("models", {}).get(key)
+        try:
+            old = expert_recipe(RealProfile.from_json(m["profile"]), key, root, m["versions"], m["threads"])
+        except (KeyError, TypeError, ValueError, OSError):
+            return False  # an older manifest layout or missing files: train again
+        src = root / entry["path"] if entry else None
+        if src is None or not src.is_dir() or key not in m.get("accuracy", {}) or key not in m.get("general", {}):
+            return False
+        if old != expert_recipe(self.prof, key, self.root, self.versions, self.threads):
+            return False
+        _link_tree(src, self.root / entry["path"])
+        self.models[key], self.accuracy[key], self.general[key] = entry, m["accuracy"][key], m["general"][key]
+        self.reused.append(key)
+        self.steps_done += stage.steps
+        self.scores_done += 1
+        self._report()
+        return True
+
     def _lora(self, base: Any, skill: str) -> None:
         key = f"experts/{skill}-lora"
+        stage = self.prof.stage_for(self.prof.lora, skill)
+        if self._reuse(key, stage):
+            return
         t = time.perf_counter()
         model = with_lora(base, self.prof.lora_rank, self._seed(key + "/init"))
-        stage = self.prof.stage_for(self.prof.lora, skill)
         loss = train(model, self.tok, self.data[skill]["train"], stage, self._seed(key), self._on_step)
         model.peft_config["default"].base_model_name_or_path = "../../base"
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -208,11 +293,13 @@ class RealBuilder:
         from transformers import AutoModelForCausalLM
 
         key = f"experts/{skill}-full"
+        stage = self.prof.stage_for(self.prof.full, skill)
+        if self._reuse(key, stage):
+            return
         t = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype="float32")
         for name, p in model.named_parameters():
             p.requires_grad_(name.rsplit(".", 2)[-2] in FULL_TRAINABLE)
-        stage = self.prof.stage_for(self.prof.full, skill)
         loss = train(model, self.tok, self.data[skill]["train"], stage, self._seed(key), self._on_step)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         info = {"kind": "full", "skill": skill, "base": "base", "params": n_params(model), "trained": trainable}

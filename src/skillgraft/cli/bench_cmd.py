@@ -42,6 +42,7 @@ def _summary(m) -> dict:
         "models": {k: {**v, "path": str(m.root / v["path"])} for k, v in m.models.items()},
         "accuracy": m.accuracy,
         **({"general": m.raw["general"]} if "general" in m.raw else {}),
+        **({"reused": m.raw["reused"]} if m.raw.get("reused") else {}),
     }
 
 
@@ -81,7 +82,9 @@ def _params_line(m) -> str:
     b = m.models["base"]["params"]
     large = m.models.get("base-large", {}).get("params")
     sizes = f"base {b:,} parameters" + (f", base-large {large:,}" if large else "")
-    return f"{sizes}; built in {m.build_seconds:.0f} s"
+    reused = m.raw.get("reused") or []
+    kept = f" ({len(reused)} unchanged experts reused from the previous build)" if reused else ""
+    return f"{sizes}; built in {m.build_seconds:.0f} s{kept}"
 
 
 def _show(m) -> None:
@@ -96,7 +99,12 @@ def _show(m) -> None:
 def build_cmd(
     profile: str = PROFILE_OPT,
     cache: Path = CACHE_OPT,
-    rebuild: bool = typer.Option(False, "--rebuild", help="Build again even if the cache holds this profile."),
+    rebuild: bool = typer.Option(
+        False,
+        "--rebuild",
+        help="Build again even if the cache holds this profile; trains every expert anew (a changed real profile "
+        "otherwise reuses the experts whose recipe did not change).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ) -> None:
     """Build (or reuse) a profile's data, tokenizer, bases and experts in the cache.

@@ -97,20 +97,25 @@ def run_compress_study(spec: CompressStudySpec, progress: ProgressFn = no_progre
 
 
 def _lora_rows(manifest: Any, model: Any, tok: Any, skills: list[str], spec: CompressStudySpec, tmp: str) -> list:
-    """Each LoRA expert imported exactly as a pack, applied and scored; ``expert_em`` is the adapter's own score
-    (PEFT's unmerged forward, recorded in the manifest at build time on the whole test split)."""
+    """Each LoRA expert imported exactly as a pack, applied and scored; ``expert_em`` is the adapter's own score on
+    the same rows (PEFT's unmerged forward)."""
+    from peft import PeftModel
+
     from skillgraft.io.peft_adapter import import_lora
     from skillgraft.skill.apply import apply, unapply
 
     rows = []
     for s in skills:
+        adapter = manifest.model_dir(f"experts/{s}-lora")
         out = Path(tmp) / f"{s}-lora.skill"
-        import_lora(manifest.model_dir(f"experts/{s}-lora"), out, base=manifest.model_dir("base"), overwrite=True)
+        import_lora(adapter, out, base=manifest.model_dir("base"), overwrite=True)
         apply(model, [out])
         em = score(model, tok, manifest, [s], spec.limit, loglik=False)[s]["em"]
         gen = general(model, tok, manifest)
         unapply(model)
-        expert_em = manifest.accuracy[f"experts/{s}-lora"][s]
+        peft_model = PeftModel.from_pretrained(model, str(adapter)).eval()
+        expert_em = score(peft_model, tok, manifest, [s], spec.limit, loglik=False)[s]["em"]
+        peft_model.unload()  # the base's own modules back, unchanged
         rows.append(
             {
                 "skill": s,
