@@ -6,6 +6,7 @@ the files (paths, shapes, fingerprints) before any tensor is read. See docs/merg
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from skillgraft.errors import FormatError, InputError, NotFoundError
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 OUR_KEYS = {"base", "method", "parameters", "inputs", "out_dtype", "seed", "examples", "num_examples"}
-INPUT_KEYS = {"source", "weight"}
+INPUT_KEYS = {"source", "weight", "blocks"}
 MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
 MERGEKIT_MODEL_KEYS = {"model", "parameters"}
 MERGEKIT_PARAMS = {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "t"}
@@ -36,8 +37,25 @@ MERGEKIT_METHODS = {
 
 @dataclass(frozen=True)
 class MergeInput:
+    """One input and its weight. ``blocks`` holds per-block weights as ``(glob, weight)`` pairs over tensor names
+    (``model.layers.3.mlp.*``): the first glob that matches a tensor name gives its weight, ``weight`` the rest.
+    ``skillgraft compose`` writes them; any method that takes weights uses them per tensor."""
+
     source: str  # a .skill path, a library reference, a PEFT adapter dir or a fine-tuned checkpoint dir
     weight: float = 1.0
+    blocks: tuple[tuple[str, float], ...] = ()
+
+    def weight_for(self, name: str) -> float:
+        for pattern, w in self.blocks:
+            if fnmatch.fnmatchcase(name, pattern):
+                return w
+        return self.weight
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"source": self.source, "weight": self.weight}
+        if self.blocks:
+            d["blocks"] = dict(self.blocks)
+        return d
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,10 @@ class MergeConfig:
     dialect: str = "skillgraft"  # or "mergekit"
     source_file: str | None = None
 
+    def weights_for(self, name: str) -> list[float]:
+        """Each input's weight for tensor ``name`` (its block weight where one matches)."""
+        return [i.weight_for(name) for i in self.inputs]
+
     def resolve_paths(self, root: Path) -> MergeConfig:
         """Relative paths in a config file are relative to that file's directory (library refs stay as is)."""
 
@@ -62,7 +84,7 @@ class MergeConfig:
             q = Path(p)
             return str(root / q) if not q.is_absolute() and (root / q).exists() else p
 
-        inputs = tuple(MergeInput(fix(i.source), i.weight) for i in self.inputs)
+        inputs = tuple(MergeInput(fix(i.source), i.weight, i.blocks) for i in self.inputs)
         ex = fix(self.examples) if self.examples else None
         return MergeConfig(
             fix(self.base),
@@ -93,6 +115,16 @@ def _weight(value: Any, where: str) -> float:
     return float(value)
 
 
+def _blocks(value: Any, where: str) -> tuple[tuple[str, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise InputError(
+            f"{where}: expected a mapping of tensor-name globs to weights", hint="e.g. 'model.layers.0.mlp.*': 0.5"
+        )
+    return tuple((k, _weight(v, f"{where}[{k!r}]")) for k, v in value.items())
+
+
 def _unknown(keys: set[str], allowed: set[str], where: str, dialect: str) -> None:
     extra = sorted(keys - allowed)
     if extra:
@@ -120,7 +152,8 @@ def from_dict(d: dict, source_file: str | None = None) -> MergeConfig:
         if not isinstance(item, dict) or "source" not in item:
             raise InputError(f"inputs[{i}]: expected a path/reference or a mapping with 'source'")
         _unknown(set(item), INPUT_KEYS, f"inputs[{i}]", "skillgraft")
-        inputs.append(MergeInput(str(item["source"]), _weight(item.get("weight", 1.0), f"inputs[{i}]")))
+        blocks = _blocks(item.get("blocks"), f"inputs[{i}].blocks")
+        inputs.append(MergeInput(str(item["source"]), _weight(item.get("weight", 1.0), f"inputs[{i}]"), blocks))
     params = d.get("parameters") or {}
     if not isinstance(params, dict):
         raise InputError("config: 'parameters' must be a mapping")

@@ -39,7 +39,7 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 class MergeOptions:
     """How to run a merge (everything that is not the merge itself)."""
 
-    out: Path
+    out: Path | None  # None: in memory (:func:`merge_in_memory`)
     out_format: str = "hf"
     rank: int | None = None  # for out_format="lora"
     overwrite: bool = False
@@ -105,8 +105,7 @@ class MergePlan:
             "method": self.method.name,
             "parameters": dataclasses.asdict(self.params),
             "inputs": [
-                {"source": s.label, "kind": s.kind, "weight": i.weight}
-                for s, i in zip(self.sources, self.config.inputs)
+                {**i.to_dict(), "source": s.label, "kind": s.kind} for s, i in zip(self.sources, self.config.inputs)
             ],
             "tensors": rows,
             "merged_tensors": sum(1 for t in self.tensors if t.users),
@@ -161,7 +160,8 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
         raise InputError(f"merge method {info.name!r} needs examples", hint="set 'examples: FILE.jsonl' in the config")
     if config.examples and not Path(config.examples).exists():
         raise InputError(f"examples file {config.examples} does not exist")
-    check_output(Path(opts.out), opts.overwrite)
+    if opts.out is not None:
+        check_output(Path(opts.out), opts.overwrite)
     refs = [detect(i.source, opts.library) for i in config.inputs]
     base = Checkpoint(config.base, opts.allow_pickle)
     sources: list[DeltaSource] = []
@@ -256,7 +256,7 @@ def merge_tensor(plan: MergePlan, item: _Item, thresholds: list[float] | None) -
     """Run the method on one tensor's inputs; returns the merged parameter in fp32."""
     t, info = item.plan, plan.method
     assert item.deltas is not None
-    weights = torch.tensor([i.weight for i in plan.config.inputs], dtype=torch.float32)
+    weights = torch.tensor(plan.config.weights_for(t.name), dtype=torch.float32)
     stats = None
     if info.stats:
         stats = tuple(s.get(t.name) if s is not None else None for s in plan.stats)
@@ -466,6 +466,37 @@ def run_merge(
         read,
         details,
     )
+
+
+def merge_in_memory(
+    config: MergeConfig,
+    *,
+    library: Path | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: ProgressFn = no_progress,
+) -> dict[str, torch.Tensor]:
+    """Run a merge into memory: every tensor of the merged model (the base's dtype, or ``out_dtype``), for
+    searches that score many candidates (``skillgraft evolve``) without writing a checkpoint for each. The same
+    validation and per-tensor path as :func:`merge`, one tensor at a time, no threads."""
+    plan = plan_merge(config, MergeOptions(out=None, force=force, library=library, allow_pickle=allow_pickle))
+    try:
+        thresholds = None
+        if plan.method.global_trim and getattr(plan.params, "trim_scope", "tensor") == "global":
+            thresholds = global_thresholds(plan, float(plan.params.density), progress)
+        if plan.method.stats:
+            from skillgraft.merge.stats import compute_stats
+
+            plan.stats = compute_stats(plan, progress)
+        out: dict[str, torch.Tensor] = {}
+        for done, item in enumerate(_read(plan), 1):
+            t = item.plan
+            result = item.base if item.deltas is None else merge_tensor(plan, item, thresholds)
+            out[t.name] = result.to(t.out_dtype)
+            progress("merge: tensors", done, len(plan.tensors))
+        return out
+    finally:
+        plan.close()
 
 
 def merge(

@@ -92,7 +92,7 @@ class SkillOutput:
             "kind": "merge",
             "method": plan.method.name,
             "parameters": plan.describe()["parameters"],
-            "inputs": [{"source": s.label, "weight": i.weight} for s, i in zip(plan.sources, plan.config.inputs)],
+            "inputs": [{**i.to_dict(), "source": s.label} for s, i in zip(plan.sources, plan.config.inputs)],
         }
         manifest = Manifest(
             name=name[:128],

@@ -100,7 +100,6 @@ class SliceMerger:
         self.chunked = plan.method.chunked
         assert self.chunked is not None
         self.n = len(plan.sources)
-        self.weights = torch.tensor([i.weight for i in plan.config.inputs], dtype=torch.float32)
         self.thresholds = tuple(thresholds) if thresholds else None
         self.whole = self.chunked.prepare is not None and self.chunked.needs_whole(self.params)
         numel_max = max((_numel(t.shape) for t in plan.tensors if t.users), default=0)
@@ -140,7 +139,8 @@ class SliceMerger:
         slices = [slice(s, min(s + step, numel)) for s in range(0, numel, step)]
         rng = self._rngs(self.plan.seed, t.name, self.n) if self.info.randomized else None
         common = dict(
-            name=t.name, weights=self.weights, rng=rng, thresholds=self.thresholds,
+            name=t.name, weights=torch.tensor(self.plan.config.weights_for(t.name)), rng=rng,
+            thresholds=self.thresholds,
             layer=self._layer(t.name), num_layers=self.plan.num_layers,
         )  # fmt: skip
         ctx = None
