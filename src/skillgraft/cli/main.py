@@ -46,6 +46,7 @@ def _global(
 def _register() -> None:
     from skillgraft.cli import (  # noqa: F401  (registers commands)
         bench_cmd,
+        compose_cmd,
         convert_cmd,
         eval_cmd,
         library_cmd,

@@ -30,6 +30,7 @@ _SECTIONS: dict[str, type] = {
     "compress": list,
     "transfer": list,
     "transfer_speed": dict,
+    "compose": list,
 }
 # transfer methods in reading order: references around the fused methods
 _TRANSFER_FIRST = ("large_base", "small_expert")
@@ -433,7 +434,45 @@ def sections(results: dict[str, Any]) -> list[Section]:
     table = speed_table(results)
     if table:
         out.append(Section("Transfer speed", (table,)))
+    table = compose_table(results)
+    if table:
+        rows = results["compose"]
+        figures = (partial(plots.compose_curves, rows), *(partial(plots.compose_coefficients, r) for r in rows))
+        captions = ("Objective while fitting the coefficients.",) + tuple(
+            f"Fitted coefficients, run {i}: skill (row) × block (column)." for i in range(1, len(rows) + 1)
+        )
+        out.append(Section("Learned composition", (table,), figures, captions))
     return out
+
+
+def compose_table(results: dict[str, Any]) -> Table | None:
+    """One row per ``skillgraft compose`` run: how it was fitted, on how many rows, and what it kept."""
+    rows = results.get("compose") or []
+    if not rows:
+        return None
+    general = any(r.get("general") for r in rows)
+    cells = []
+    for i, r in enumerate(rows, 1):
+        curve = [v for v in r.get("curve") or [] if _num(v) is not None]
+        base = _obj(r.get("baseline"))
+        cells.append(
+            (
+                str(i),
+                str(r.get("learn", "?")),
+                str(r.get("granularity", "-")),
+                str(r.get("experts", "-")),
+                str(len(_obj(r.get("coefficients")))),
+                str(sum(_obj(r.get("examples")).values()) if r.get("examples") else "-"),
+                f"{curve[0]:.3f} → {curve[-1]:.3f}" if curve else "-",
+                _pct(r.get("mean_normalized")),
+                f"{base.get('method', '?')} {_pct(base.get('mean_normalized'))}" if base else "-",
+                _seconds(r.get("seconds")),
+                *(_general_cells(r.get("general")) if general else ()),
+            )
+        )
+    columns = ("#", "learn", "granularity", "experts", "skills", "examples", "objective", "mean normalized",
+               "best training-free", "time (s)", *(GENERAL_COLUMNS if general else ()))  # fmt: skip
+    return _table(columns, cells, 7)
 
 
 # ---------------------------------------------------------------- Markdown

@@ -178,6 +178,50 @@ def transfer_bars(rows: list[dict[str, Any]], skills: list[str] | None = None) -
     return _png(fig)
 
 
+def _compose_label(r: dict[str, Any]) -> str:
+    return f"{r.get('learn', '?')} ({r.get('experts', '?')}, {len(_obj(r.get('coefficients')))} skills)"
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def compose_curves(rows: list[dict[str, Any]]) -> bytes | None:
+    """The fitted objective per step (search: best of each generation), one line per ``compose`` run."""
+    lines = [(r, [v for v in (r.get("curve") or []) if _num(v) is not None]) for r in rows]
+    lines = [(r, c) for r, c in lines if c]
+    if not lines:
+        return None
+    fig = _new_figure(5.6, 3.8)
+    ax = fig.add_subplot()
+    for r, c in lines:
+        ax.plot(range(1, len(c) + 1), c, label=_compose_label(r))
+    ax.set_xlabel("step (search: generation)")
+    ax.set_ylabel("objective (loss, entropy or 1 − EM)")
+    ax.set_title("Learned composition: objective")
+    ax.legend(fontsize="small")
+    return _png(fig)
+
+
+def compose_coefficients(row: dict[str, Any]) -> bytes | None:
+    """The fitted coefficients of one ``compose`` run: skills (rows) × blocks (columns)."""
+    coef = {s: _obj(v) for s, v in _obj(row.get("coefficients")).items()}
+    blocks = list(next(iter(coef.values()), {}))
+    if not coef or not blocks:
+        return None
+    grid = [[_num(coef[s].get(b)) or math.nan for b in blocks] for s in coef]
+    fig = _new_figure(min(14.0, 2.5 + 0.12 * len(blocks)), 1.4 + 0.45 * len(coef))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="magma", aspect="auto")
+    ax.set_yticks(range(len(coef)), labels=list(coef))
+    step = max(1, len(blocks) // 16)
+    short = [b.split("layers.")[-1] for b in blocks]
+    ax.set_xticks(range(0, len(blocks), step), labels=short[::step], rotation=60, ha="right", fontsize="small")
+    ax.set_title(f"Coefficients: {_compose_label(row)}")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    return _png(fig)
+
+
 def _mean(values: Iterable[float]) -> float:
     vals = list(values)
     return sum(vals) / len(vals) if vals else math.nan
