@@ -77,3 +77,9 @@ class WriteError(SkillgraftError, OSError):
     """Writing the output failed (disk full, permissions); nothing is left under the output name."""
 
     exit_code = 10
+
+
+class WorkerError(SkillgraftError, RuntimeError):
+    """A worker of a distributed run (a Ray actor) failed or could not start (missing package, missing path)."""
+
+    exit_code = 11

@@ -49,6 +49,7 @@ def _register() -> None:
         compose_cmd,
         convert_cmd,
         eval_cmd,
+        evolve_cmd,
         library_cmd,
         lora_cmd,
         merge_cmd,
