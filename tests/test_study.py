@@ -30,6 +30,26 @@ def test_merge_study_normalizes_by_the_experts(quick_bench, tmp_path):
     assert html.count("data:image/png;base64,") >= 3
 
 
+def test_merge_study_rows_on_ray_workers_equal_one_process(quick_bench, monkeypatch):
+    """`study merge --workers N`: the rows merged in memory and scored on 2 local Ray workers equal the same rows
+    scored in this process (workers=1), and agree with the default path (packs applied to one model)."""
+    from skillgraft.study.merge import MergeStudySpec, run_merge_study
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    kw = dict(cache=quick_bench.root.parent, methods=("task_arithmetic", "ties"), experts=("full",), lambdas=(0.5,))
+    kw.update(limit=20, interference=False)
+    one = run_merge_study(MergeStudySpec(**kw, workers=1))
+    two = run_merge_study(MergeStudySpec(**kw, workers=2))
+    plain = run_merge_study(MergeStudySpec(**kw))
+    for a, b, c in zip(
+        one["merge"] + one["lambda_sweep"], two["merge"] + two["lambda_sweep"], plain["merge"] + plain["lambda_sweep"]
+    ):
+        assert a["method"] == b["method"] == c["method"]
+        assert a["mean_normalized"] == b["mean_normalized"]
+        assert abs(a["mean_normalized"] - c["mean_normalized"]) <= 0.05
+    assert len(one["merge"]) == 2 and len(one["lambda_sweep"]) == 2
+
+
 def test_compress_study_dense_keeps_everything(quick_bench):
     from skillgraft.study.compress import CompressStudySpec, run_compress_study
 

@@ -50,12 +50,17 @@ def merge_study(
     lambdas: str = typer.Option("0.3,0.5,0.7,1.0", help="λ values of the sweep (task arithmetic, TIES)."),
     limit: int = LIMIT,
     seed: int = typer.Option(0),
+    workers: int = typer.Option(
+        None, "--workers", help="Merge and score the rows on N workers (1: this process, N > 1: local Ray)."
+    ),
+    ray_address: str = typer.Option(None, "--ray-address", help="Run the rows on this Ray cluster (HEAD:6379)."),
     out: Path = OUT,
     report: Path = REPORT,
 ) -> None:
     """Experts, interference matrix, every merge method (normalized accuracy) and a λ sweep.
 
     Example: skillgraft study merge --profile full --n-skills 4 --n-skills 8 -o merge.json --report merge.html
+    (add --workers 4 to merge and score the rows on 4 local Ray workers; see docs/evolve.md for a cluster)
     """
     from skillgraft.study.merge import DEFAULT_METHODS, MergeStudySpec, run_merge_study
 
@@ -70,6 +75,8 @@ def merge_study(
         limit=limit,
         seed=seed,
         command=_command_line(),
+        workers=workers,
+        ray_address=ray_address,
     )
     with progress_bar() as progress:
         results = run_merge_study(spec, progress)

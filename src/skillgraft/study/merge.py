@@ -53,6 +53,11 @@ class MergeStudySpec:
     packs: tuple[tuple[str, str, str], ...] = ()  # (kind, skill, library reference): experts stored as packs
     library: Path | None = None
     interference: bool = True  # score every expert on every skill (off: on its own skill only, as the demo does)
+    # Merge rows on a backend (compose.backends): None keeps the one-process path (packs applied to one loaded
+    # model, general check per row); a number of workers (1: in this process, N > 1: local Ray) or a Ray address
+    # merges each row in memory and scores it on a worker — no general check on those rows.
+    workers: int | None = None
+    ray_address: str | None = None
 
 
 class _Study:
@@ -129,25 +134,42 @@ class _Study:
         return path
 
     def merge(self, kind: str, skills: list[str], method: str, params: dict[str, Any]) -> dict[str, Any]:
-        from skillgraft.merge.config import MergeConfig, MergeInput
+        from skillgraft.merge.config import from_dict
         from skillgraft.merge.engine import MergeOptions, merge
-        from skillgraft.merge.registry import get_method
 
-        info = get_method(method)
-        cfg = MergeConfig(
-            base=str(self.base_dir),
-            method=method,
-            parameters=params,
-            seed=self.spec.seed,
-            inputs=tuple(MergeInput(self.expert_source(kind, s)) for s in skills),
-            examples=str(self.examples_file(skills)) if info.stats else None,
-            num_examples=32 * len(skills),
-        )
+        cfg = from_dict(self.config(kind, skills, method, params))
         out = Path(self.tmp.name) / "merged.skill"
         t0 = time.perf_counter()
         merge(cfg, MergeOptions(out=out, out_format="skill", overwrite=True, library=self.spec.library))
         seconds = time.perf_counter() - t0
         scores, gen = self.score_with(out, skills)
+        return self.row(kind, skills, method, params, scores, seconds, gen)
+
+    def config(self, kind: str, skills: list[str], method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The merge of one row as a plain config mapping (what a backend worker merges)."""
+        from skillgraft.merge.registry import get_method
+
+        cfg: dict[str, Any] = {
+            "base": str(self.base_dir),
+            "method": method,
+            "parameters": params,
+            "seed": self.spec.seed,
+            "inputs": [self.expert_source(kind, s) for s in skills],
+        }
+        if get_method(method).stats:
+            cfg["examples"], cfg["num_examples"] = str(self.examples_file(skills)), 32 * len(skills)
+        return cfg
+
+    def row(
+        self,
+        kind: str,
+        skills: list[str],
+        method: str,
+        params: dict[str, Any],
+        scores: Scores,
+        seconds: float,
+        gen: Any,
+    ) -> dict[str, Any]:
         norm = {s: (scores[s]["em"] / self.own[kind][s]) if self.own[kind][s] > 0 else 0.0 for s in skills}
         return {
             "method": method,
@@ -192,9 +214,10 @@ def run_merge_study(spec: MergeStudySpec, progress: ProgressFn = no_progress) ->
         for n in sizes:
             runs: list[tuple[str, dict[str, Any]]] = [(m, {}) for m in spec.methods]
             runs += [(m, {"lambda": lam}) for m in spec.sweep_methods for lam in spec.lambdas]
-            for method, params in runs:
+            rows = _on_backend(study, kind, kind_skills[:n], runs) if _parallel(spec) else None
+            for i, (method, params) in enumerate(runs):
                 progress("merge study", done, total)
-                r = study.merge(kind, kind_skills[:n], method, params)
+                r = rows[i] if rows is not None else study.merge(kind, kind_skills[:n], method, params)
                 if params:
                     keys = ("method", "experts", "n_skills", "lambda", "mean_normalized", "mean_em", "general")
                     res["lambda_sweep"].append({k: r[k] for k in keys})
@@ -204,6 +227,40 @@ def run_merge_study(spec: MergeStudySpec, progress: ProgressFn = no_progress) ->
     progress("merge study", total, total)
     study.tmp.cleanup()
     return res
+
+
+def _parallel(spec: MergeStudySpec) -> bool:
+    return spec.workers is not None or spec.ray_address is not None
+
+
+def _on_backend(study: _Study, kind: str, skills: list[str], runs: list[tuple[str, dict[str, Any]]]) -> list[dict]:
+    """Every run of one (kind, skills) group merged in memory and scored on backend workers (in order)."""
+    import dataclasses
+
+    from skillgraft.compose.backends import ScorerArgs, open_backend
+    from skillgraft.eval.tasks import read_jsonl, task_from_examples
+
+    tasks = tuple(
+        dataclasses.replace(
+            task_from_examples(s, read_jsonl(study.m.data_path(s, "test"))), metrics=("exact_match",)
+        ).head(study.spec.limit)
+        for s in skills
+    )
+    args = ScorerArgs(str(study.base_dir), tasks, 64, 1)
+    backend = open_backend(args, study.spec.workers, study.spec.ray_address, lambda msg: study.progress(msg, 0, 0))
+    try:
+        recipes = [study.config(kind, skills, m, p) for m, p in runs]
+        out = []
+        for (method, params), r in zip(runs, backend.map(recipes)):
+            if r.get("error"):
+                from skillgraft.errors import NumericError
+
+                raise NumericError(f"{method} {params}: {r['error']}")
+            scores = {s: {"em": r["scores"][s]} for s in skills}
+            out.append(study.row(kind, skills, method, params, scores, r["seconds"], None))
+        return out
+    finally:
+        backend.close()
 
 
 def _sizes(n_skills: tuple[int, ...], available: int) -> list[int]:
