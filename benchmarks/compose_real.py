@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     mn = row["mean_normalized"]
     print(
         f"{args.learn} {args.experts} {len(skills)} skills: normalized {mn if mn is None else f'{100 * mn:.1f}%'}  "
-        f"per skill {({s: round(v, 3) if v is not None else None for s, v in norm.items()})}  "
+        f"per skill { ({s: round(v, 3) if v is not None else None for s, v in norm.items()}) }  "
         f"baseline {baseline}  compose {wall:.0f} s  facts {gen and gen.get('facts_em')}"
     )
 

@@ -26,12 +26,30 @@ MB = 1e6
 
 # Llama configurations, named by parameter count. "1b" is TinyLlama-1.1B's shape; "0.5b" a smaller sibling.
 SIZES = {
-    "0.1b": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                 num_key_value_heads=4, vocab_size=32000),
-    "0.5b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=4, vocab_size=32000),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
+    "0.1b": dict(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "0.5b": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
 }
 SMOLLM_BUDGETS = (0.005, 0.01, 0.02, 0.05, 0.10)
 KINDS = ("attention", "mlp", "embedding", "norm")
@@ -100,8 +118,10 @@ def child_generate(a: dict) -> dict:
     cfg_dir.mkdir(exist_ok=True)
     (cfg_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     params = 0
-    with CheckpointWriter(base_dir, overwrite=True, max_shard_bytes=SHARD_BYTES, copy_from=cfg_dir) as wb, \
-            CheckpointWriter(tuned_dir, overwrite=True, max_shard_bytes=SHARD_BYTES, copy_from=cfg_dir) as wt:
+    with (
+        CheckpointWriter(base_dir, overwrite=True, max_shard_bytes=SHARD_BYTES, copy_from=cfg_dir) as wb,
+        CheckpointWriter(tuned_dir, overwrite=True, max_shard_bytes=SHARD_BYTES, copy_from=cfg_dir) as wt,
+    ):
         for name, shape in layout:
             g = _gen(a["seed"], name)
             if len(shape) == 1:  # RMSNorm scales: around 1 with some spread, as in trained models
@@ -183,13 +203,19 @@ def child_extract(a: dict) -> dict:
     from skillgraft import ExtractSpec, extract
 
     clock = PhaseClock()
-    spec = ExtractSpec(base=Path(a["base"]), tuned=Path(a["tuned"]), out=Path(a["out"]), budget=a["budget"],
-                       overwrite=True)
+    spec = ExtractSpec(
+        base=Path(a["base"]), tuned=Path(a["tuned"]), out=Path(a["out"]), budget=a["budget"], overwrite=True
+    )
     res = extract(spec, clock)
     total = time.perf_counter() - clock.t0
     prof, enc = clock.marks["profile"], clock.marks["encode"]
-    phases = {"setup+fingerprint": prof[0], "profile (pass 1)": prof[1] - prof[0],
-              "allocate": enc[0] - prof[1], "encode (pass 2)": enc[1] - enc[0], "finish": total - enc[1]}
+    phases = {
+        "setup+fingerprint": prof[0],
+        "profile (pass 1)": prof[1] - prof[0],
+        "allocate": enc[0] - prof[1],
+        "encode (pass 2)": enc[1] - enc[0],
+        "finish": total - enc[1],
+    }
     encodings: dict[str, dict[str, int]] = {}
     ranks: dict[str, list[int]] = {}
     for t in res.tensors:
@@ -198,10 +224,15 @@ def child_extract(a: dict) -> dict:
         if t.encoding == "lowrank":
             ranks.setdefault(t.kind, []).append(t.level)
     return {
-        "seconds": total, "phases": phases, "file_bytes": res.file_bytes,
-        "dense_delta_bytes": res.dense_delta_bytes, "budget_bytes": res.budget_bytes,
-        "ratio": res.file_bytes / res.dense_delta_bytes, "omitted": len(res.omitted),
-        "by_kind": res.by_kind(), "encodings": encodings,
+        "seconds": total,
+        "phases": phases,
+        "file_bytes": res.file_bytes,
+        "dense_delta_bytes": res.dense_delta_bytes,
+        "budget_bytes": res.budget_bytes,
+        "ratio": res.file_bytes / res.dense_delta_bytes,
+        "omitted": len(res.omitted),
+        "by_kind": res.by_kind(),
+        "encodings": encodings,
         "ranks": {k: [min(v), int(sum(v) / len(v)), max(v)] for k, v in ranks.items()},
     }
 
@@ -213,13 +244,19 @@ def child_apply(a: dict) -> dict:
     res = apply_to_checkpoint(a["base"], [(a["skill"], 1.0)], a["out"], overwrite=True, progress=clock)
     total = time.perf_counter() - clock.t0
     ap = clock.marks["apply"]
-    return {"seconds": total, "phases": {"setup+fingerprint": ap[0], "apply+write": ap[1] - ap[0],
-                                         "finish": total - ap[1]},
-            "changed": res["changed"], "tensors": res["tensors"], "bytes": res["bytes"]}
+    return {
+        "seconds": total,
+        "phases": {"setup+fingerprint": ap[0], "apply+write": ap[1] - ap[0], "finish": total - ap[1]},
+        "changed": res["changed"],
+        "tensors": res["tensors"],
+        "bytes": res["bytes"],
+    }
 
 
-CHILDREN = {f.__name__.removeprefix("child_"): f for f in (
-    child_generate, child_smollm_base, child_tune, child_fingerprint, child_extract, child_apply)}
+CHILDREN = {
+    f.__name__.removeprefix("child_"): f
+    for f in (child_generate, child_smollm_base, child_tune, child_fingerprint, child_extract, child_apply)
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,12 +306,20 @@ def run_child(kind: str, args: dict) -> dict:
         raise SystemExit(f"step {kind} failed with exit code {proc.returncode}: {args}")
     out = json.loads(res_file.read_text())
     res_file.unlink()
-    out.update(wall=wall, peak_rss=usage.ru_maxrss * 1024, peak_anon=peak["RssAnon"] * 1024,
-               peak_file=peak["RssFile"] * 1024, cpu=usage.ru_utime + usage.ru_stime,
-               load=[round(load0, 2), round(os.getloadavg()[0], 2)])
-    print(f"  {kind:<12} {wall:7.1f} s wall, {usage.ru_utime + usage.ru_stime:7.1f} s CPU, "
-          f"peak RSS {usage.ru_maxrss / 1024**2:5.2f} GiB (anon {peak['RssAnon'] / 1024**2:5.2f} GiB), "
-          f"load {out['load'][0]:.1f}→{out['load'][1]:.1f}", flush=True)
+    out.update(
+        wall=wall,
+        peak_rss=usage.ru_maxrss * 1024,
+        peak_anon=peak["RssAnon"] * 1024,
+        peak_file=peak["RssFile"] * 1024,
+        cpu=usage.ru_utime + usage.ru_stime,
+        load=[round(load0, 2), round(os.getloadavg()[0], 2)],
+    )
+    print(
+        f"  {kind:<12} {wall:7.1f} s wall, {usage.ru_utime + usage.ru_stime:7.1f} s CPU, "
+        f"peak RSS {usage.ru_maxrss / 1024**2:5.2f} GiB (anon {peak['RssAnon'] / 1024**2:5.2f} GiB), "
+        f"load {out['load'][0]:.1f}→{out['load'][1]:.1f}",
+        flush=True,
+    )
     return out
 
 
@@ -297,8 +342,9 @@ def cached_fraction(directory: Path) -> float | None:
     files = sorted(str(f) for f in directory.glob("*.safetensors"))
     if not shutil.which("fincore") or not files:
         return None
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES,SIZE", *files],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES,SIZE", *files], capture_output=True, text=True
+    )
     if out.returncode != 0:
         return None
     res = size = 0
@@ -322,11 +368,15 @@ def ensure_pair(name: str, work: Path, gen_args: dict, kind: str) -> tuple[Path,
         if info.get("recipe") == want:
             print(f"  reuse {base.name}, {tuned.name}")
             return base, tuned, info
-    info = run_child(kind, {**gen_args, "base": str(base), "tuned": str(tuned),
-                            "_result": str(work / ".result.json")})
-    info = {"recipe": want, "generate_s": info["wall"], "generate_peak_rss": info["peak_rss"],
-            "params": info.get("params"), "stored_bytes": _dir_bytes(base),
-            "shards": len(list(base.glob("*.safetensors")))}
+    info = run_child(kind, {**gen_args, "base": str(base), "tuned": str(tuned), "_result": str(work / ".result.json")})
+    info = {
+        "recipe": want,
+        "generate_s": info["wall"],
+        "generate_peak_rss": info["peak_rss"],
+        "params": info.get("params"),
+        "stored_bytes": _dir_bytes(base),
+        "shards": len(list(base.glob("*.safetensors"))),
+    }
     stamp.write_text(json.dumps(info, indent=2))
     return base, tuned, info
 
@@ -334,8 +384,9 @@ def ensure_pair(name: str, work: Path, gen_args: dict, kind: str) -> tuple[Path,
 def bench_size(size: str, work: Path, a: argparse.Namespace) -> dict:
     print(f"== {size}", flush=True)
     r = str(work / ".result.json")
-    base, tuned, info = ensure_pair(size, work, {"size": size, "rel": a.rel, "noise": a.noise, "seed": a.seed},
-                                    "generate")
+    base, tuned, info = ensure_pair(
+        size, work, {"size": size, "rel": a.rel, "noise": a.noise, "seed": a.seed}, "generate"
+    )
     out: dict = {"size": size, "config": SIZES[size], **info}
     out["evict_ok"] = evict(base)
     out["cached_before_cold"] = cached_fraction(base)
@@ -343,8 +394,9 @@ def bench_size(size: str, work: Path, a: argparse.Namespace) -> dict:
     out["fingerprint_warm"] = [run_child("fingerprint", {"dir": str(base), "_result": r}) for _ in range(2)]
     skill = work / f"{size}.skill"
     evict(base), evict(tuned)
-    out["extract"] = run_child("extract", {"base": str(base), "tuned": str(tuned), "out": str(skill),
-                                           "budget": 0.02, "_result": r})
+    out["extract"] = run_child(
+        "extract", {"base": str(base), "tuned": str(tuned), "out": str(skill), "budget": 0.02, "_result": r}
+    )
     applied = work / f"{size}-applied"
     out["apply"] = run_child("apply", {"base": str(base), "skill": str(skill), "out": str(applied), "_result": r})
     shutil.rmtree(applied, ignore_errors=True)
@@ -366,27 +418,44 @@ def bench_smollm(work: Path, a: argparse.Namespace) -> dict:
     cfg = json.loads((base / "config.json").read_text())
     runs = []
     for b in SMOLLM_BUDGETS:
-        res = run_child("extract", {"base": str(base), "tuned": str(tuned), "out": str(work / f"smollm-{b}.skill"),
-                                    "budget": b, "_result": r})
+        res = run_child(
+            "extract",
+            {"base": str(base), "tuned": str(tuned), "out": str(work / f"smollm-{b}.skill"), "budget": b, "_result": r},
+        )
         runs.append({"budget": b, **res})
-    return {"stored_bytes": _dir_bytes(base), "tie_word_embeddings": cfg.get("tie_word_embeddings"),
-            "layers": cfg.get("num_hidden_layers"), "hidden": cfg.get("hidden_size"), "runs": runs}
+    return {
+        "stored_bytes": _dir_bytes(base),
+        "tie_word_embeddings": cfg.get("tie_word_embeddings"),
+        "layers": cfg.get("num_hidden_layers"),
+        "hidden": cfg.get("hidden_size"),
+        "runs": runs,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------
 def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    mem = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
-               if ln.startswith("MemTotal"))
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem / 1024**2, 1),
-            "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem / 1024**2, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
 
 
 def _gib(b: float) -> str:
@@ -415,62 +484,99 @@ def render(data: dict) -> str:
     ]
     sizes = data["sizes"]
     if sizes:
-        lines += ["## Synthetic Llama checkpoints (bf16, untied embeddings, 1 GiB shards)", "",
-                  "| | " + " | ".join(s["size"] for s in sizes) + " |",
-                  "|---|" + "---:|" * len(sizes)]
+        lines += [
+            "## Synthetic Llama checkpoints (bf16, untied embeddings, 1 GiB shards)",
+            "",
+            "| | " + " | ".join(s["size"] for s in sizes) + " |",
+            "|---|" + "---:|" * len(sizes),
+        ]
 
         def row(label, f):
             lines.append(f"| {label} | " + " | ".join(f(s) for s in sizes) + " |")
 
         row("parameters", lambda s: f"{s['params'] / 1e9:.3f} B")
         row("stored (GiB) / shards", lambda s: f"{_gib(s['stored_bytes'])} / {s['shards']}")
-        row("layers × hidden × intermediate", lambda s: "{num_hidden_layers} × {hidden_size} × {intermediate_size}"
-            .format(**s["config"]))
-        row("fingerprint, cold page cache (s, GB/s)", lambda s: "{seconds:.2f} s, {gb_per_s:.2f}".format(
-            **s["fingerprint_cold"]) + ("" if s.get("cached_before_cold") is None
-                                        else f" ({100 * s['cached_before_cold']:.0f}% cached)"))
-        row("fingerprint, warm (s, GB/s)", lambda s: "{seconds:.2f} s, {gb_per_s:.2f}".format(
-            **min(s["fingerprint_warm"], key=lambda x: x["seconds"])))
-        row("fingerprint peak RSS / anon (GiB)", lambda s: f"{_gib(s['fingerprint_warm'][-1]['peak_rss'])} / "
-            f"{_gib(s['fingerprint_warm'][-1]['peak_anon'])}")
+        row(
+            "layers × hidden × intermediate",
+            lambda s: "{num_hidden_layers} × {hidden_size} × {intermediate_size}".format(**s["config"]),
+        )
+        row(
+            "fingerprint, cold page cache (s, GB/s)",
+            lambda s: (
+                "{seconds:.2f} s, {gb_per_s:.2f}".format(**s["fingerprint_cold"])
+                + ("" if s.get("cached_before_cold") is None else f" ({100 * s['cached_before_cold']:.0f}% cached)")
+            ),
+        )
+        row(
+            "fingerprint, warm (s, GB/s)",
+            lambda s: "{seconds:.2f} s, {gb_per_s:.2f}".format(
+                **min(s["fingerprint_warm"], key=lambda x: x["seconds"])
+            ),
+        )
+        row(
+            "fingerprint peak RSS / anon (GiB)",
+            lambda s: f"{_gib(s['fingerprint_warm'][-1]['peak_rss'])} / {_gib(s['fingerprint_warm'][-1]['peak_anon'])}",
+        )
         row("**extract 2%**: wall (s)", lambda s: f"{s['extract']['wall']:.1f}")
         row("extract CPU (s)", lambda s: f"{s['extract']['cpu']:.1f}")
         for ph in sizes[0]["extract"]["phases"]:
             row(f"— {ph} (s)", lambda s, ph=ph: f"{s['extract']['phases'][ph]:.1f}")
-        row("extract peak RSS / anon (GiB)", lambda s: f"{_gib(s['extract']['peak_rss'])} / "
-            f"{_gib(s['extract']['peak_anon'])}")
-        row("pack (MB) / dense delta (MB)", lambda s: f"{s['extract']['file_bytes'] / MB:.1f} / "
-            f"{s['extract']['dense_delta_bytes'] / MB:.0f}")
+        row(
+            "extract peak RSS / anon (GiB)",
+            lambda s: f"{_gib(s['extract']['peak_rss'])} / {_gib(s['extract']['peak_anon'])}",
+        )
+        row(
+            "pack (MB) / dense delta (MB)",
+            lambda s: f"{s['extract']['file_bytes'] / MB:.1f} / {s['extract']['dense_delta_bytes'] / MB:.0f}",
+        )
         row("pack / dense delta", lambda s: f"{100 * s['extract']['ratio']:.2f}%")
         for k in KINDS:
-            row(f"energy retained: {k}", lambda s, k=k: "–" if k not in s["extract"]["by_kind"]
-                else f"{100 * s['extract']['by_kind'][k]['retained']:.1f}%")
-        row("encodings (attention; mlp; embedding)", lambda s: "; ".join(
-            ", ".join(f"{n} {e}" for e, n in sorted(s["extract"]["encodings"].get(k, {}).items()))
-            for k in ("attention", "mlp", "embedding")))
+            row(
+                f"energy retained: {k}",
+                lambda s, k=k: (
+                    "–" if k not in s["extract"]["by_kind"] else f"{100 * s['extract']['by_kind'][k]['retained']:.1f}%"
+                ),
+            )
+        row(
+            "encodings (attention; mlp; embedding)",
+            lambda s: "; ".join(
+                ", ".join(f"{n} {e}" for e, n in sorted(s["extract"]["encodings"].get(k, {}).items()))
+                for k in ("attention", "mlp", "embedding")
+            ),
+        )
         row("**apply**: wall (s)", lambda s: f"{s['apply']['wall']:.1f}")
         row("apply CPU (s)", lambda s: f"{s['apply']['cpu']:.1f}")
         for ph in sizes[0]["apply"]["phases"]:
             row(f"— {ph} (s)", lambda s, ph=ph: f"{s['apply']['phases'][ph]:.1f}")
-        row("apply peak RSS / anon (GiB)", lambda s: f"{_gib(s['apply']['peak_rss'])} / "
-            f"{_gib(s['apply']['peak_anon'])}")
-        row("generation of the pair (s, peak RSS GiB)", lambda s: f"{s['generate_s']:.0f}, "
-            f"{_gib(s['generate_peak_rss'])}" if s.get("generate_s") else "–")
-        lines += ["", "Peak RSS is the kernel's `ru_maxrss` (it counts mmapped checkpoint pages that were read); "
-                  "anon is the highest `RssAnon` sampled every 50 ms (heap memory only).", ""]
+        row(
+            "apply peak RSS / anon (GiB)", lambda s: f"{_gib(s['apply']['peak_rss'])} / {_gib(s['apply']['peak_anon'])}"
+        )
+        row(
+            "generation of the pair (s, peak RSS GiB)",
+            lambda s: f"{s['generate_s']:.0f}, {_gib(s['generate_peak_rss'])}" if s.get("generate_s") else "–",
+        )
+        lines += [
+            "",
+            "Peak RSS is the kernel's `ru_maxrss` (it counts mmapped checkpoint pages that were read); "
+            "anon is the highest `RssAnon` sampled every 50 ms (heap memory only).",
+            "",
+        ]
     sm = data.get("smollm")
     if sm:
-        lines += ["## SmolLM2-135M-Instruct (real weights) + synthetic delta: budget sweep", "",
-                  f"{sm['layers']} layers, hidden {sm['hidden']}, tied embeddings: {sm['tie_word_embeddings']}; "
-                  f"{sm['stored_bytes'] / MB:.0f} MB bf16. Cells: energy retained / relative error √(1−retained).",
-                  "",
-                  "| budget | pack bytes | % of dense Δ | extract (s) | peak RSS (GiB) | "
-                  + " | ".join(KINDS) + " |",
-                  "|---:|---:|---:|---:|---:|" + "---:|" * len(KINDS)]
+        lines += [
+            "## SmolLM2-135M-Instruct (real weights) + synthetic delta: budget sweep",
+            "",
+            f"{sm['layers']} layers, hidden {sm['hidden']}, tied embeddings: {sm['tie_word_embeddings']}; "
+            f"{sm['stored_bytes'] / MB:.0f} MB bf16. Cells: energy retained / relative error √(1−retained).",
+            "",
+            "| budget | pack bytes | % of dense Δ | extract (s) | peak RSS (GiB) | " + " | ".join(KINDS) + " |",
+            "|---:|---:|---:|---:|---:|" + "---:|" * len(KINDS),
+        ]
         for run in sm["runs"]:
-            lines.append(f"| {100 * run['budget']:g}% | {run['file_bytes']:,} | {100 * run['ratio']:.2f}% | "
-                         f"{run['wall']:.1f} | {_gib(run['peak_rss'])} | " + " | ".join(_kind_cells(run["by_kind"]))
-                         + " |")
+            lines.append(
+                f"| {100 * run['budget']:g}% | {run['file_bytes']:,} | {100 * run['ratio']:.2f}% | "
+                f"{run['wall']:.1f} | {_gib(run['peak_rss'])} | " + " | ".join(_kind_cells(run["by_kind"])) + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -495,9 +601,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown size(s) {unknown}; choose from {list(SIZES)}")
     a.workdir.mkdir(parents=True, exist_ok=True)
-    data: dict = {"command": " ".join(["python", "benchmarks/extract_apply.py", *(argv or sys.argv[1:])]),
-                  "machine": machine(), "args": {"rel": a.rel, "noise": a.noise, "seed": a.seed},
-                  "sizes": [bench_size(s, a.workdir, a) for s in sizes]}
+    data: dict = {
+        "command": " ".join(["python", "benchmarks/extract_apply.py", *(argv or sys.argv[1:])]),
+        "machine": machine(),
+        "args": {"rel": a.rel, "noise": a.noise, "seed": a.seed},
+        "sizes": [bench_size(s, a.workdir, a) for s in sizes],
+    }
     if not a.skip_smollm:
         data["smollm"] = bench_smollm(a.workdir, a)
     report = render(data)

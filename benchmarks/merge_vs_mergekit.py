@@ -35,12 +35,30 @@ RESULTS = HERE / "results"
 GiB = 1024**3
 sys.path.insert(0, str(HERE))
 
-SIZE_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000)  # TinyLlama-1.1B (as extract_apply.py's "1b")
-SIZE_TINY = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000)  # smoke tests only
-SIZE_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000)  # Llama-2-7B
+SIZE_1B = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+)  # TinyLlama-1.1B (as extract_apply.py's "1b")
+SIZE_TINY = dict(
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+)  # smoke tests only
+SIZE_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+)  # Llama-2-7B
 SIZES = {"1b": SIZE_1B, "tiny": SIZE_TINY}
 METHODS = ("task_arithmetic", "ties", "dare_ties")
 DETERMINISTIC = ("task_arithmetic", "ties")
@@ -150,13 +168,26 @@ def child_packs(a: dict) -> dict:
                 fro = math.sqrt(float(((up.T @ up) * (down @ down.T)).sum()))  # ‖up·down‖_F without forming it
                 s = math.sqrt(a["rel"] * norms[name] / fro)
                 parts, fields = encode_lowrank(up * s, down * s)
-                fields.update(shape=[m, n], dtype=str(base.dtype(name)).removeprefix("torch."), rel_error=0.0,
-                              kind=module_kind(name, (m, n)))
+                fields.update(
+                    shape=[m, n],
+                    dtype=str(base.dtype(name)).removeprefix("torch."),
+                    rel_error=0.0,
+                    kind=module_kind(name, (m, n)),
+                )
                 if lay := layout(name, model_type):
                     fields["layout"] = lay
                 w.add(name, parts, fields)
-            sizes.append(w.close(Manifest(name=f"synthetic-{k}", version=1, base=ident, tensors={},
-                                          source={"kind": "synthetic", "rank": r, "rel": a["rel"]})))
+            sizes.append(
+                w.close(
+                    Manifest(
+                        name=f"synthetic-{k}",
+                        version=1,
+                        base=ident,
+                        tensors={},
+                        source={"kind": "synthetic", "rank": r, "rel": a["rel"]},
+                    )
+                )
+            )
     return {"pack_bytes": sizes, "matrices": len(mats)}
 
 
@@ -211,11 +242,16 @@ def child_compare(a: dict) -> dict:
         del x, y, z, xf, yf, zf
     mads = sorted(p["max_abs_diff"] for p in per.values())
     return {
-        "tensors": len(common), "only_a": sorted(set(ia) - set(ib)), "only_b": sorted(set(ib) - set(ia)),
+        "tensors": len(common),
+        "only_a": sorted(set(ia) - set(ib)),
+        "only_b": sorted(set(ib) - set(ia)),
         "dtypes": [str(get(ia, common[0]).dtype), str(get(ib, common[0]).dtype)] if common else [],
-        "elements": tot, "identical": same / tot if tot else 1.0,
+        "elements": tot,
+        "identical": same / tot if tot else 1.0,
         "tensors_identical": sum(p["identical"] == 1.0 for p in per.values()),
-        "max_abs_diff": worst[0], "worst_tensor": worst[1], "median_tensor_max_abs_diff": mads[len(mads) // 2],
+        "max_abs_diff": worst[0],
+        "worst_tensor": worst[1],
+        "median_tensor_max_abs_diff": mads[len(mads) // 2],
         "rel_diff_of_delta": math.sqrt(diff2 / db2) if db2 else 0.0,
         "delta_norm_ratio": math.sqrt(da2 / db2) if db2 else float("nan"),
         "changed_frac": [changed_a / tot, changed_b / tot] if tot else [0, 0],
@@ -223,16 +259,24 @@ def child_compare(a: dict) -> dict:
     }
 
 
-CHILDREN = {f.__name__.removeprefix("child_"): f for f in (
-    child_generate, child_tunes, child_smollm_base, child_packs, child_compare)}
+CHILDREN = {
+    f.__name__.removeprefix("child_"): f
+    for f in (child_generate, child_tunes, child_smollm_base, child_packs, child_compare)
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Harness (parent)
 # ---------------------------------------------------------------------------------------------------------
 def child_env() -> dict:
-    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def measure(cmd: list[str], label: str, log: Path | None = None) -> dict:
@@ -251,18 +295,34 @@ def measure(cmd: list[str], label: str, log: Path | None = None) -> dict:
     if rc != 0:
         tail = log.read_text()[-3000:] if log else ""
         raise SystemExit(f"{label} failed with exit code {rc}: {' '.join(cmd)}\n{tail}")
-    res = {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_rss": usage.ru_maxrss * 1024,
-           "peak_anon": peak["RssAnon"] * 1024, "load": [round(load0, 2), round(os.getloadavg()[0], 2)]}
-    print(f"  {label:<34} {wall:7.1f} s wall, {res['cpu']:7.1f} s CPU, peak RSS {res['peak_rss'] / GiB:5.2f} GiB "
-          f"(anon {res['peak_anon'] / GiB:5.2f}), load {res['load'][0]:.1f}→{res['load'][1]:.1f}", flush=True)
+    res = {
+        "wall": wall,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "peak_rss": usage.ru_maxrss * 1024,
+        "peak_anon": peak["RssAnon"] * 1024,
+        "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
+    }
+    print(
+        f"  {label:<34} {wall:7.1f} s wall, {res['cpu']:7.1f} s CPU, peak RSS {res['peak_rss'] / GiB:5.2f} GiB "
+        f"(anon {res['peak_anon'] / GiB:5.2f}), load {res['load'][0]:.1f}→{res['load'][1]:.1f}",
+        flush=True,
+    )
     return res
 
 
 def run_child(kind: str, args: dict, work: Path) -> dict:
     res_file = work / f".result-{kind}.json"
     res_file.unlink(missing_ok=True)
-    m = measure([sys.executable, str(Path(__file__).resolve()), "--child", kind,
-                 json.dumps({**args, "_result": str(res_file)})], kind)
+    m = measure(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            kind,
+            json.dumps({**args, "_result": str(res_file)}),
+        ],
+        kind,
+    )
     out = json.loads(res_file.read_text())
     res_file.unlink()
     return {**out, **{f"_{k}": v for k, v in m.items()}}
@@ -314,8 +374,9 @@ class Tools:
         return [self.mk, str(cfg), str(out), *MK_FLAGS, "--random-seed", "0"]
 
 
-def compare_tools(name: str, base: Path, tunes: list[Path], work: Path, a: argparse.Namespace,
-                  tools: Tools, repeats: int) -> dict:
+def compare_tools(
+    name: str, base: Path, tunes: list[Path], work: Path, a: argparse.Namespace, tools: Tools, repeats: int
+) -> dict:
     """Both tools on the same mergekit YAML, interleaved; then agreement of the first pair of outputs."""
     res: dict = {"methods": {}}
     cfgs = work / f"cfg-{name}"
@@ -334,12 +395,16 @@ def compare_tools(name: str, base: Path, tunes: list[Path], work: Path, a: argpa
                     shutil.rmtree(outs[tool], ignore_errors=True)
                 runs[tool].append(measure(cmd, f"{name} {method} {tool} #{rep + 1}", work / f"log-{tool}.txt"))
         entry: dict = {"config": cfg.read_text(), "runs": runs}
-        entry["compare"] = run_child("compare", {"a": str(outs["skillgraft"]), "b": str(outs["mergekit"]),
-                                                 "base": str(base)}, work)
+        entry["compare"] = run_child(
+            "compare", {"a": str(outs["skillgraft"]), "b": str(outs["mergekit"]), "base": str(base)}, work
+        )
         c = entry["compare"]
-        print(f"    agreement: {100 * c['identical']:.6f}% bit-identical, max |Δ| {c['max_abs_diff']:.3g} "
-              f"({c['worst_tensor']}), ‖sg−mk‖/‖mk−θ₀‖ {c['rel_diff_of_delta']:.3g}, "
-              f"‖Δ_sg‖/‖Δ_mk‖ {c['delta_norm_ratio']:.4f}", flush=True)
+        print(
+            f"    agreement: {100 * c['identical']:.6f}% bit-identical, max |Δ| {c['max_abs_diff']:.3g} "
+            f"({c['worst_tensor']}), ‖sg−mk‖/‖mk−θ₀‖ {c['rel_diff_of_delta']:.3g}, "
+            f"‖Δ_sg‖/‖Δ_mk‖ {c['delta_norm_ratio']:.4f}",
+            flush=True,
+        )
         res["methods"][method] = entry
         if method == "ties" and a.mk_bf16:
             cfg16 = cfgs / "ties.mergekit-bf16.yaml"
@@ -354,8 +419,10 @@ def compare_tools(name: str, base: Path, tunes: list[Path], work: Path, a: argpa
             own_params = {  # result key -> (label, parameters): skillgraft's own YAMLs, compared with mergekit's
                 "ties_own_yaml": ("own YAML (paper)", {"density": DENSITY}),
                 # mergekit's semantics with ties at the k-th magnitude taken in index order (no sort)
-                "ties_position": ("mergekit mode, tie_break position",
-                                  {"density": DENSITY, "mode": "mergekit", "tie_break": "position", "normalize": True}),
+                "ties_position": (
+                    "mergekit mode, tie_break position",
+                    {"density": DENSITY, "mode": "mergekit", "tie_break": "position", "normalize": True},
+                ),
             }
             for key, (label, params) in own_params.items():
                 own = cfgs / f"{key}.yaml"
@@ -375,8 +442,7 @@ def profile_ties(name: str, work: Path, tools: Tools) -> dict:
     inclusive samples."""
     cfg = work / f"cfg-{name}" / "ties.mergekit.yaml"
     out, raw = work / f"out-{name}-prof", work / f"profile-{name}-ties.txt"
-    cmd = [tools.pyspy, "record", "--format", "raw", "-r", "50", "-o", str(raw), "--",
-           *tools.sg_cmd(cfg, out)]
+    cmd = [tools.pyspy, "record", "--format", "raw", "-r", "50", "-o", str(raw), "--", *tools.sg_cmd(cfg, out)]
     try:
         m = measure(cmd, f"{name} ties skillgraft under py-spy", work / "log-pyspy.txt")
     except SystemExit as e:
@@ -454,10 +520,16 @@ def part_7b(work: Path, a: argparse.Namespace, tools: Tools) -> dict:
         g = run_child("generate", {**want, "rel": a.rel, "noise": a.noise, "base": str(base), "tunes": []}, work)
         info = {"recipe": want, "params": g["params"], "generate_s": g["_wall"], "generate_peak_rss": g["_peak_rss"]}
         stamp.write_text(json.dumps(info, indent=1))
-    p = run_child("packs", {"base": str(base), "packs": list(map(str, packs)), "rank": a.rank, "rel": a.rel,
-                            "seed": a.seed}, work)
-    info.update(stored_bytes=_dir_bytes(base), pack_bytes=p["pack_bytes"], matrices=p["matrices"],
-                packs_s=p["_wall"], rank=a.rank)
+    p = run_child(
+        "packs", {"base": str(base), "packs": list(map(str, packs)), "rank": a.rank, "rel": a.rel, "seed": a.seed}, work
+    )
+    info.update(
+        stored_bytes=_dir_bytes(base),
+        pack_bytes=p["pack_bytes"],
+        matrices=p["matrices"],
+        packs_s=p["_wall"],
+        rank=a.rank,
+    )
     cfg = work / "cfg-7b-ties.yaml"
     cfg.write_text(sg_yaml("ties", base, packs, (1.0, 0.7, 0.5), {"density": DENSITY}))
     out = work / "out-7b-ties"
@@ -502,14 +574,25 @@ def part_smollm(work: Path, a: argparse.Namespace, tools: Tools) -> dict:
 # Report
 # ---------------------------------------------------------------------------------------------------------
 def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    mem = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
-               if ln.startswith("MemTotal"))
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem / 1024**2, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem / 1024**2, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
 
 
 def _best(runs: list[dict], key: str) -> float:
@@ -529,35 +612,48 @@ def _runs(runs: list[dict], key: str, fmt) -> str:
 
 
 def render_compare(title: str, res: dict, lines: list[str]) -> None:
-    lines += [f"### {title}: time and memory", "",
-              "| method | skillgraft wall (s) | mergekit wall (s) | **speed-up** (mk/sg) | skillgraft peak RSS "
-              "(GiB) | mergekit peak RSS (GiB) | **RSS ratio** (mk/sg) | anon sg / mk (GiB) | CPU s sg / mk |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        f"### {title}: time and memory",
+        "",
+        "| method | skillgraft wall (s) | mergekit wall (s) | **speed-up** (mk/sg) | skillgraft peak RSS "
+        "(GiB) | mergekit peak RSS (GiB) | **RSS ratio** (mk/sg) | anon sg / mk (GiB) | CPU s sg / mk |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for method, e in res["methods"].items():
         sg, mk = e["runs"]["skillgraft"], e["runs"]["mergekit"]
         lines.append(
             f"| {method} | {_runs(sg, 'wall', lambda v: f'{v:.1f}')} | {_runs(mk, 'wall', lambda v: f'{v:.1f}')} | "
             f"**{_ratio(e, 'wall'):.1f}×** | {_runs(sg, 'peak_rss', _gib)} | {_runs(mk, 'peak_rss', _gib)} | "
             f"**{_ratio(e, 'peak_rss'):.2f}×** | {_gib(_best(sg, 'peak_anon'))} / {_gib(_best(mk, 'peak_anon'))} | "
-            f"{_best(sg, 'cpu'):.0f} / {_best(mk, 'cpu'):.0f} |")
+            f"{_best(sg, 'cpu'):.0f} / {_best(mk, 'cpu'):.0f} |"
+        )
     extra = []
     if "ties_own_yaml" in res:
         r = res["ties_own_yaml"]["run"]
-        extra.append(f"skillgraft on its own YAML (TIES, default `mode: paper`, kthvalue trim): {r['wall']:.1f} s, "
-                     f"peak RSS {_gib(r['peak_rss'])} GiB")
+        extra.append(
+            f"skillgraft on its own YAML (TIES, default `mode: paper`, kthvalue trim): {r['wall']:.1f} s, "
+            f"peak RSS {_gib(r['peak_rss'])} GiB"
+        )
     if "ties_position" in res:
         r = res["ties_position"]["run"]
-        extra.append(f"skillgraft TIES in mergekit mode with `tie_break: position` (no sort): {r['wall']:.1f} s, "
-                     f"peak RSS {_gib(r['peak_rss'])} GiB")
+        extra.append(
+            f"skillgraft TIES in mergekit mode with `tie_break: position` (no sort): {r['wall']:.1f} s, "
+            f"peak RSS {_gib(r['peak_rss'])} GiB"
+        )
     if "ties_mk_bf16" in res:
         r = res["ties_mk_bf16"]["run"]
-        extra.append(f"mergekit TIES with `dtype: bfloat16` (computes in bf16; its lightest setting): "
-                     f"{r['wall']:.1f} s, peak RSS {_gib(r['peak_rss'])} GiB")
+        extra.append(
+            f"mergekit TIES with `dtype: bfloat16` (computes in bf16; its lightest setting): "
+            f"{r['wall']:.1f} s, peak RSS {_gib(r['peak_rss'])} GiB"
+        )
     lines += [""] + [f"* {x}" for x in extra] + ([""] if extra else [])
-    lines += [f"### {title}: output agreement (skillgraft `mode: mergekit` vs mergekit, streamed per tensor)", "",
-              "| comparison | bit-identical elements | tensors fully identical | max abs diff (tensor) | "
-              "median per-tensor max abs diff | ‖sg−mk‖ / ‖mk−θ₀‖ | ‖Δ_sg‖ / ‖Δ_mk‖ | elements changed vs θ₀ sg / mk |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        f"### {title}: output agreement (skillgraft `mode: mergekit` vs mergekit, streamed per tensor)",
+        "",
+        "| comparison | bit-identical elements | tensors fully identical | max abs diff (tensor) | "
+        "median per-tensor max abs diff | ‖sg−mk‖ / ‖mk−θ₀‖ | ‖Δ_sg‖ / ‖Δ_mk‖ | elements changed vs θ₀ sg / mk |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     rows = [(m, e["compare"]) for m, e in res["methods"].items()]
     if "ties_own_yaml" in res:
         rows.append(("ties, skillgraft own YAML (paper mode) vs mergekit", res["ties_own_yaml"]["compare"]))
@@ -566,10 +662,12 @@ def render_compare(title: str, res: dict, lines: list[str]) -> None:
     if "ties_mk_bf16" in res:
         rows.append(("ties, skillgraft vs mergekit `dtype: bfloat16`", res["ties_mk_bf16"]["compare"]))
     for label, c in rows:
-        lines.append(f"| {label} | {100 * c['identical']:.6f}% | {c['tensors_identical']}/{c['tensors']} | "
-                     f"{c['max_abs_diff']:.3g} (`{c['worst_tensor']}`) | {c['median_tensor_max_abs_diff']:.3g} | "
-                     f"{c['rel_diff_of_delta']:.3g} | {c['delta_norm_ratio']:.4f} | "
-                     f"{100 * c['changed_frac'][0]:.2f}% / {100 * c['changed_frac'][1]:.2f}% |")
+        lines.append(
+            f"| {label} | {100 * c['identical']:.6f}% | {c['tensors_identical']}/{c['tensors']} | "
+            f"{c['max_abs_diff']:.3g} (`{c['worst_tensor']}`) | {c['median_tensor_max_abs_diff']:.3g} | "
+            f"{c['rel_diff_of_delta']:.3g} | {c['delta_norm_ratio']:.4f} | "
+            f"{100 * c['changed_frac'][0]:.2f}% / {100 * c['changed_frac'][1]:.2f}% |"
+        )
     lines.append("")
 
 
@@ -577,66 +675,93 @@ def _measured(part: dict) -> list[str]:
     m = part.get("measured")
     if not m:
         return ["Measured: in an earlier run (this part's machine and date were not recorded).", ""]
-    return [f"Measured: {m['cpu']}, {m['cores']} cores, {m['date']}" + (f" ({m['note']})" if m.get("note") else "")
-            + ".", ""]
+    return [
+        f"Measured: {m['cpu']}, {m['cores']} cores, {m['date']}" + (f" ({m['note']})" if m.get("note") else "") + ".",
+        "",
+    ]
 
 
 def render(data: dict) -> str:
     m = data["machine"]
-    lines = ["# Merging: skillgraft vs mergekit — measured", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; Python {m['python']}, torch "
-             f"{m['torch']}; mergekit {data['mergekit_version']} in its own venv. Date: {m['date']} (the last "
-             "run; each part below says when and where it was measured).",
-             f"Command: `{data['command']}`. mergekit flags: `{' '.join(MK_FLAGS)} --random-seed 0` (CPU, "
-             "default threads); skillgraft: `skillgraft merge CONFIG -o OUT --overwrite --seed 0`.",
-             f"Inputs weighted {WEIGHTS[0]} / {WEIGHTS[1]}, density {DENSITY}; mergekit YAML with `dtype: float32` "
-             "(the compute dtype skillgraft uses) and `out_dtype: bfloat16`. Synthetic fine-tune: ‖Δ‖/‖W‖ = "
-             f"{data['args']['rel']:g} per tensor, low rank 8–16 + dense noise ({100 * data['args']['noise']:.0f}% "
-             "of ‖Δ‖²). Each merge is a separate process; inputs are read once beforehand (warm page cache); runs "
-             f"interleaved sg, mk, mk, sg … (1.1B: {data['args']['repeats_1b']}, SmolLM2: "
-             f"{data['args']['repeats']} each); ratios use the best run of each tool. "
-             "The machine is shared with other jobs: expect ±20% noise on any single time.", ""]
+    lines = [
+        "# Merging: skillgraft vs mergekit — measured",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; Python {m['python']}, torch "
+        f"{m['torch']}; mergekit {data['mergekit_version']} in its own venv. Date: {m['date']} (the last "
+        "run; each part below says when and where it was measured).",
+        f"Command: `{data['command']}`. mergekit flags: `{' '.join(MK_FLAGS)} --random-seed 0` (CPU, "
+        "default threads); skillgraft: `skillgraft merge CONFIG -o OUT --overwrite --seed 0`.",
+        f"Inputs weighted {WEIGHTS[0]} / {WEIGHTS[1]}, density {DENSITY}; mergekit YAML with `dtype: float32` "
+        "(the compute dtype skillgraft uses) and `out_dtype: bfloat16`. Synthetic fine-tune: ‖Δ‖/‖W‖ = "
+        f"{data['args']['rel']:g} per tensor, low rank 8–16 + dense noise ({100 * data['args']['noise']:.0f}% "
+        "of ‖Δ‖²). Each merge is a separate process; inputs are read once beforehand (warm page cache); runs "
+        f"interleaved sg, mk, mk, sg … (1.1B: {data['args']['repeats_1b']}, SmolLM2: "
+        f"{data['args']['repeats']} each); ratios use the best run of each tool. "
+        "The machine is shared with other jobs: expect ±20% noise on any single time.",
+        "",
+    ]
     if "synth" in data:
         s = data["synth"]
         mi = s["model"]
-        lines += [f"## Synthetic Llama, {mi['params'] / 1e9:.2f} B parameters (TinyLlama-1.1B shape, bf16, "
-                  f"{_gib(mi['stored_bytes'])} GiB in {mi['shards']} shards each), base + 2 fine-tunes", "",
-                  *_measured(s)]
+        lines += [
+            f"## Synthetic Llama, {mi['params'] / 1e9:.2f} B parameters (TinyLlama-1.1B shape, bf16, "
+            f"{_gib(mi['stored_bytes'])} GiB in {mi['shards']} shards each), base + 2 fine-tunes",
+            "",
+            *_measured(s),
+        ]
         render_compare("1.1B", s, lines)
         if "profile" in s:
             p = s["profile"]
             if "error" in p:
                 lines += [f"Profile failed: {p['error']}", ""]
             else:
-                lines += ["### Profile of one skillgraft TIES run (py-spy, all threads, % of samples)", "",
-                          f"{p['samples']} samples at 50 Hz, run took {p['run']['wall']:.1f} s under py-spy.", "",
-                          "| function (self time) | % | skillgraft function (inclusive) | % |", "|---|---:|---|---:|"]
+                lines += [
+                    "### Profile of one skillgraft TIES run (py-spy, all threads, % of samples)",
+                    "",
+                    f"{p['samples']} samples at 50 Hz, run took {p['run']['wall']:.1f} s under py-spy.",
+                    "",
+                    "| function (self time) | % | skillgraft function (inclusive) | % |",
+                    "|---|---:|---|---:|",
+                ]
                 for (f1, v1), (f2, v2) in zip(p["self"][:12], p["inclusive"][:12]):
                     lines.append(f"| `{f1}` | {100 * v1:.1f} | `{f2}` | {100 * v2:.1f} |")
                 lines.append("")
     if "7b" in data:
         s = data["7b"]
         mi = s["model"]
-        lines += [f"## Llama-2-7B shape ({mi['params'] / 1e9:.2f} B parameters, {_gib(mi['stored_bytes'])} GiB "
-                  f"bf16) + 3 rank-{mi['rank']} skill packs → full checkpoint, TIES (skillgraft only)", "",
-                  *_measured(s),
-                  f"Packs: {', '.join(f'{b / 1e6:.0f} MB' for b in mi['pack_bytes'])} ({mi['matrices']} matrices "
-                  "each). Own YAML, default `mode: paper`, weights 1.0 / 0.7 / 0.5.", "",
-                  "| run | wall (s) | CPU (s) | peak RSS (GiB) | peak anon (GiB) | output (GiB) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## Llama-2-7B shape ({mi['params'] / 1e9:.2f} B parameters, {_gib(mi['stored_bytes'])} GiB "
+            f"bf16) + 3 rank-{mi['rank']} skill packs → full checkpoint, TIES (skillgraft only)",
+            "",
+            *_measured(s),
+            f"Packs: {', '.join(f'{b / 1e6:.0f} MB' for b in mi['pack_bytes'])} ({mi['matrices']} matrices "
+            "each). Own YAML, default `mode: paper`, weights 1.0 / 0.7 / 0.5.",
+            "",
+            "| run | wall (s) | CPU (s) | peak RSS (GiB) | peak anon (GiB) | output (GiB) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for i, r in enumerate(s["runs"]):
-            lines.append(f"| #{i + 1} | {r['wall']:.1f} | {r['cpu']:.0f} | {_gib(r['peak_rss'])} | "
-                         f"{_gib(r['peak_anon'])} | {_gib(r['out_bytes'])} |")
+            lines.append(
+                f"| #{i + 1} | {r['wall']:.1f} | {r['cpu']:.0f} | {_gib(r['peak_rss'])} | "
+                f"{_gib(r['peak_anon'])} | {_gib(r['out_bytes'])} |"
+            )
         lines.append("")
     if "smollm" in data:
         s = data["smollm"]
         mi = s["model"]
-        lines += [f"## SmolLM2-135M-Instruct (real weights, bf16, {mi['stored_bytes'] / 1e6:.0f} MB, tied "
-                  f"embeddings: {mi['tie_word_embeddings']}) + 2 synthetic fine-tunes", "", *_measured(s)]
+        lines += [
+            f"## SmolLM2-135M-Instruct (real weights, bf16, {mi['stored_bytes'] / 1e6:.0f} MB, tied "
+            f"embeddings: {mi['tie_word_embeddings']}) + 2 synthetic fine-tunes",
+            "",
+            *_measured(s),
+        ]
         render_compare("SmolLM2-135M", s, lines)
-    lines += ["Peak RSS is the kernel's `ru_maxrss` (includes mmapped checkpoint pages that were touched); anon is "
-              "the highest sampled `RssAnon` (heap only). ‖sg−mk‖/‖mk−θ₀‖ is the difference between the outputs "
-              "relative to the size of mergekit's merged delta.", ""]
+    lines += [
+        "Peak RSS is the kernel's `ru_maxrss` (includes mmapped checkpoint pages that were touched); anon is "
+        "the highest sampled `RssAnon` (heap only). ‖sg−mk‖/‖mk−θ₀‖ is the difference between the outputs "
+        "relative to the size of mergekit's merged delta.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -655,10 +780,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", type=float, default=0.2, help="fraction of ‖Δ‖² in dense noise")
     p.add_argument("--rank", type=int, default=16, help="rank of the 7B skill packs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-mk-bf16", dest="mk_bf16", action="store_false",
-                   help="skip the extra mergekit TIES run with dtype bfloat16")
-    p.add_argument("--no-own-yaml", dest="own_yaml", action="store_false",
-                   help="skip the skillgraft TIES run on its own YAML")
+    p.add_argument(
+        "--no-mk-bf16",
+        dest="mk_bf16",
+        action="store_false",
+        help="skip the extra mergekit TIES run with dtype bfloat16",
+    )
+    p.add_argument(
+        "--no-own-yaml", dest="own_yaml", action="store_false", help="skip the skillgraft TIES run on its own YAML"
+    )
     p.add_argument("--profile", action="store_true", help="py-spy one skillgraft TIES run even if it is ≥5× faster")
     p.add_argument("--update", action="store_true", help="keep other parts' results from the existing .json")
     p.add_argument("--keep-inputs", action="store_true", help="keep the generated checkpoints for a rerun")
@@ -675,16 +805,32 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     tools = Tools(a)
     if ("synth" in parts or "smollm" in parts) and not Path(tools.mk).exists():
-        p.error(f"{tools.mk} not found: python3 -m venv {a.mk_venv} && {a.mk_venv}/bin/pip install "
-                "torch==2.13.0 mergekit==0.1.5")
-    mkv = subprocess.run([str(a.mk_venv / "bin" / "python"), "-c",
-                          "import importlib.metadata as m; print(m.version('mergekit'))"],
-                         capture_output=True, text=True)
-    data: dict = {"command": " ".join(["python", "benchmarks/merge_vs_mergekit.py", *(argv or sys.argv[1:])]),
-                  "machine": machine(), "mergekit_version": mkv.stdout.strip() or "?",
-                  "args": {"rel": a.rel, "noise": a.noise, "seed": a.seed, "repeats": a.repeats,
-                           "repeats_1b": a.repeats_1b, "rank": a.rank,
-                           "methods": a.methods, "weights": WEIGHTS, "density": DENSITY, "mk_flags": MK_FLAGS}}
+        p.error(
+            f"{tools.mk} not found: python3 -m venv {a.mk_venv} && {a.mk_venv}/bin/pip install "
+            "torch==2.13.0 mergekit==0.1.5"
+        )
+    mkv = subprocess.run(
+        [str(a.mk_venv / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+        capture_output=True,
+        text=True,
+    )
+    data: dict = {
+        "command": " ".join(["python", "benchmarks/merge_vs_mergekit.py", *(argv or sys.argv[1:])]),
+        "machine": machine(),
+        "mergekit_version": mkv.stdout.strip() or "?",
+        "args": {
+            "rel": a.rel,
+            "noise": a.noise,
+            "seed": a.seed,
+            "repeats": a.repeats,
+            "repeats_1b": a.repeats_1b,
+            "rank": a.rank,
+            "methods": a.methods,
+            "weights": WEIGHTS,
+            "density": DENSITY,
+            "mk_flags": MK_FLAGS,
+        },
+    }
     a.results.mkdir(parents=True, exist_ok=True)
     prev = a.results / "merge_vs_mergekit.json"
     if a.update and prev.exists():  # keep the parts of an earlier run that this run does not redo

@@ -26,9 +26,11 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cache", type=Path, default=None)
-    ap.add_argument("--profile", default=None,
-                    help="SkillBench profile (default: full; quick with --synthetic, which needs only its tokenizer "
-                         "and prompts)")
+    ap.add_argument(
+        "--profile",
+        default=None,
+        help="SkillBench profile (default: full; quick with --synthetic, which needs only its tokenizer and prompts)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=16)
@@ -39,8 +41,12 @@ def main() -> None:
     ap.add_argument("--small-hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--speculate", default="4", help="comma-separated draft lengths for proxy+spec runs ('' = none)")
-    ap.add_argument("--no-parallel", dest="parallel", action="store_false",
-                    help="skip the runs with the small models in a second process (FusedModel(parallel=True))")
+    ap.add_argument(
+        "--no-parallel",
+        dest="parallel",
+        action="store_false",
+        help="skip the runs with the small models in a second process (FusedModel(parallel=True))",
+    )
     args = ap.parse_args()
     name = "transfer_speed_synthetic.json" if args.synthetic else "transfer_speed.json"
     args.out = args.out or Path("benchmarks/results") / name

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skillgraft.errors import FormatError, InputError, NotFoundError
+from skillgraft.errors import InputError
 
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties")
 KEYS = {
@@ -200,13 +200,7 @@ def from_dict(d: Any, root: Path | None = None) -> EvolveSpec:
 
 def load_spec(path: str | Path) -> EvolveSpec:
     """Read an evolve YAML; relative paths resolve against the file's directory."""
-    import yaml
+    from skillgraft.merge.config import read_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"{path}: no such evolve config")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise FormatError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    return from_dict(data, path.parent.resolve())
+    return from_dict(read_yaml(path, "evolve config"), path.parent.resolve())

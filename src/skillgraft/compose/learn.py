@@ -140,18 +140,11 @@ def read_rows(spec: ComposeSpec) -> dict[str, list[dict[str, str]]]:
 
 def _read_prompts(path: Path) -> list[dict[str, str]]:
     """Unlabelled rows: ``{"prompt": …}`` a line (other keys, a target included, are ignored)."""
-    from skillgraft.errors import FormatError, NotFoundError
+    from skillgraft.errors import FormatError
+    from skillgraft.eval.tasks import json_lines
 
-    if not path.is_file():
-        raise NotFoundError(f"examples file {path} not found")
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for i, obj in json_lines(path, "examples file"):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise FormatError(f"{path}:{i}: expected an object with a string 'prompt'")
         out.append({"prompt": obj["prompt"], "target": ""})

@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,24 +181,28 @@ def _row(obj: Any, where: str) -> Example:
     return Example(prompt, target, tuple(choices))
 
 
-def read_jsonl(path: str | Path) -> tuple[Example, ...]:
-    """Read and validate a task file: one object a line, blank lines skipped, other keys ignored."""
+def json_lines(path: str | Path, what: str = "task file") -> Iterator[tuple[int, Any]]:
+    """``(line number, decoded object)`` for each non-blank line of a JSONL file; a missing file or a line that is
+    not JSON is a one-line error naming ``path:line``."""
     path = Path(path)
     if not path.is_file():
-        raise NotFoundError(f"task file {path} not found")
-    examples = []
+        raise NotFoundError(f"{what} {path} not found")
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield i, json.loads(line)
             except json.JSONDecodeError as e:
                 raise FormatError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            examples.append(_row(obj, f"{path}:{i}"))
+
+
+def read_jsonl(path: str | Path) -> tuple[Example, ...]:
+    """Read and validate a task file: one object a line, blank lines skipped, other keys ignored."""
+    examples = tuple(_row(obj, f"{path}:{i}") for i, obj in json_lines(path))
     if not examples:
         raise FormatError(f"{path}: no examples", hint="write one JSON object a line")
-    return tuple(examples)
+    return examples
 
 
 def task_from_examples(name: str, examples: Sequence[Example], **kw: Any) -> Task:

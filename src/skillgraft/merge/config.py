@@ -258,15 +258,20 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
     )
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    """Read a YAML merge config (either dialect); relative paths resolve against the file's directory."""
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content; a missing file or invalid YAML is a one-line error naming the file."""
     import yaml
 
     path = Path(path)
-    if not path.exists():
-        raise NotFoundError(f"{path}: no such merge config")
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such {what}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise FormatError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    return from_dict(data, str(path)).resolve_paths(path.parent)
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read a YAML merge config (either dialect); relative paths resolve against the file's directory."""
+    path = Path(path)
+    return from_dict(read_yaml(path, "merge config"), str(path)).resolve_paths(path.parent)

@@ -7,7 +7,6 @@ temporary safetensors file that the engine reads back one tensor at a time.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,20 +32,18 @@ class LazyStats:
 
 def read_examples(path: str | Path, limit: int) -> list[tuple[str, str]]:
     """JSONL rows ``{"prompt", "target"}`` or ``{"text"}`` → (prompt, target) pairs (prompt may be empty)."""
+    from skillgraft.eval.tasks import json_lines
+
     rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from e
+    for i, d in json_lines(path, "examples file"):
+        if not isinstance(d, dict):
+            raise FormatError(f"{path}:{i}: expected a JSON object")
         if "text" in d:
             rows.append(("", str(d["text"])))
         elif "prompt" in d and "target" in d:
             rows.append((str(d["prompt"]), str(d["target"])))
         else:
-            raise FormatError(f"{path}:{i + 1}: expected keys 'prompt' and 'target', or 'text'")
+            raise FormatError(f"{path}:{i}: expected keys 'prompt' and 'target', or 'text'")
         if len(rows) >= limit:
             break
     if not rows:

@@ -113,6 +113,15 @@ def load_fused(spec: TransferSpec) -> FusedModel:
         toks[f"expert {i + 1} ({e.expert})"] = own.setdefault(id(expert), ld.tokenizer(tok_dir))
         toks[f"expert base {i + 1} ({e.base})"] = own.setdefault(id(base), ld.tokenizer(e.base))
     return FusedModel(
-        large, ld.tokenizer(spec.large), pairs, spec.method, spec.dlf_grid, toks, spec.speculate, spec.gate,
-        parallel=spec.parallel, chat=spec.chat, model_tokenizers=own,
+        large,
+        ld.tokenizer(spec.large),
+        pairs,
+        spec.method,
+        spec.dlf_grid,
+        toks,
+        spec.speculate,
+        spec.gate,
+        parallel=spec.parallel,
+        chat=spec.chat,
+        model_tokenizers=own,
     )
