@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--granularity", default=None)
     ap.add_argument("--score", default="loss")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", default="val", help="rows the coefficients are fitted on")
     ap.add_argument("--limit", type=int, default=50, help="test rows per skill")
     ap.add_argument("--study", type=Path, help="merge-study results of the same build (expert EM, baseline)")
@@ -46,61 +46,22 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     from skillgraft.bench.build import BenchManifest
-    from skillgraft.compose.learn import ComposeSpec, compose
-    from skillgraft.study.common import general, load, machine, score
+    from skillgraft.study.common import machine
+    from skillgraft.study.compose import compose_row
 
     m = BenchManifest.load(args.cache)
     skills = args.skills.split(",")
     lo, hi = (float(x) for x in args.bounds.split(","))
-    with tempfile.TemporaryDirectory(prefix="compose-bench-") as tmp:
-        spec = ComposeSpec(
-            base=str(m.model_dir("base")),
-            inputs=tuple((s, str(m.model_dir(f"experts/{s}-{args.experts}"))) for s in skills),
-            data=tuple((s, str(m.data_path(s, args.split))) for s in skills),
-            out=Path(tmp) / "composed",
-            learn=args.learn,
-            examples=args.examples,
-            granularity=args.granularity,
-            init=args.init,
-            bounds=(lo, hi),
-            steps=args.steps,
-            lr=args.lr,
-            reg=args.reg,
-            batch=args.batch,
-            score=args.score,
-        )
-        t0 = time.perf_counter()
-        res = compose(spec)
-        wall = time.perf_counter() - t0
-        model, tok = load(res.out)
-        t1 = time.perf_counter()
-        scores = score(model, tok, m, skills, args.limit, loglik=False)
-        score_seconds = time.perf_counter() - t1
-        gen = general(model, tok, m)
-        record = json.loads((res.out / "compose.json").read_text())["compose"][0]
-
     own, baseline = _expert_em(args.study, args.experts, skills)
-    norm = {s: scores[s]["em"] / own[s] if own.get(s) else None for s in skills}
-    valid = [v for v in norm.values() if v is not None]
-    row = {
-        **record,
-        "experts": args.experts,
-        "n_skills": len(skills),
-        "fit_split": args.split,
-        "examples_used": sum(res.examples.values()),
-        "scores": scores,
-        "expert_em": own,
-        "normalized": norm,
-        "mean_normalized": sum(valid) / len(valid) if valid else None,
-        "mean_em": sum(v["em"] for v in scores.values()) / len(scores),
-        "compose_seconds": wall,
-        "score_seconds": score_seconds,
-        "general": gen,
-        "baseline": baseline,
-        "machine": machine(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join(["python", *sys.argv]),
-    }
+    settings = dict(
+        learn=args.learn, examples=args.examples, granularity=args.granularity, init=args.init, bounds=(lo, hi),
+        steps=args.steps, lr=args.lr, reg=args.reg, batch=args.batch, score=args.score, seed=args.seed,
+    )  # fmt: skip
+    row = compose_row(m, args.experts, skills, own, args.limit, split=args.split, **settings)
+    row.update(fit_split=args.split, baseline=baseline, machine=machine())
+    row["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    row["command"] = " ".join(["python", *sys.argv])
+    norm = row["normalized"]
     doc = {"kind": "skillgraft-study", "version": 1, "profile": m.profile, "skills": [], "compose": []}
     if args.out.exists():
         doc = json.loads(args.out.read_text())
@@ -109,11 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     tmp_out = args.out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(doc, indent=1))
     tmp_out.replace(args.out)
-    mn = row["mean_normalized"]
+    mn, gen = row["mean_normalized"], row["general"]
     print(
         f"{args.learn} {args.experts} {len(skills)} skills: normalized {mn if mn is None else f'{100 * mn:.1f}%'}  "
         f"per skill { ({s: round(v, 3) if v is not None else None for s, v in norm.items()}) }  "
-        f"baseline {baseline}  compose {wall:.0f} s  facts {gen and gen.get('facts_em')}"
+        f"baseline {baseline}  compose {row['compose_seconds']:.0f} s  facts {gen and gen.get('facts_em')}"
     )
 
 

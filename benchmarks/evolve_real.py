@@ -90,14 +90,14 @@ def time_one(cfg: Path) -> dict:
 def score_best(manifest, best_yaml: Path, work: Path, test_limit: int) -> dict:
     """Merge best.yaml with ``skillgraft merge`` and score it on the test splits (50 rows a skill, exact match)."""
     from skillgraft.cli.main import main as cli
-    from skillgraft.study.common import load, score
+    from skillgraft.study.common import general, load, score
 
     merged = work / "best-merged"
     if cli(["-q", "merge", str(best_yaml), "-o", str(merged), "--overwrite"]) != 0:
         raise SystemExit("skillgraft merge best.yaml failed")
     model, tok = load(merged)
     scores = score(model, tok, manifest, list(SKILLS), test_limit, loglik=False)
-    own = {s: manifest.accuracy[f"experts/{s}-lora"][s] for s in SKILLS}
+    own = expert_em(manifest, test_limit)
     norm = {s: (scores[s]["em"] / own[s]) if own[s] > 0 else 0.0 for s in SKILLS}
     return {
         "test_limit": test_limit,
@@ -106,7 +106,18 @@ def score_best(manifest, best_yaml: Path, work: Path, test_limit: int) -> dict:
         "normalized": norm,
         "mean_normalized": sum(norm.values()) / len(norm),
         "mean_em": sum(scores[s]["em"] for s in SKILLS) / len(SKILLS),
+        "general": general(model, tok, manifest),
     }
+
+
+def expert_em(manifest, test_limit: int) -> dict[str, float]:
+    """Each expert's EM on its own skill: the merge study's (same rows: its --limit 50) when recorded, else the
+    build's (the whole test split)."""
+    if REFERENCE.is_file() and test_limit == 50:
+        table = json.loads(REFERENCE.read_text())["experts"]["lora"]
+        if all(s in table for s in SKILLS):
+            return {s: table[s][s]["em"] for s in SKILLS}
+    return {s: manifest.accuracy[f"experts/{s}-lora"][s] for s in SKILLS}
 
 
 def references() -> dict | None:

@@ -252,7 +252,7 @@ def test_demo_on_a_real_profile(micro, tmp_path):
 
     m, _ = micro
     lines: list[str] = []
-    run_demo(tmp_path / "out", profile=MICRO, cache=m.root.parent, say=lines.append)
+    run_demo(tmp_path / "out", profile=MICRO, cache=m.root.parent, say=lines.append, compose_steps=2)
     text = "\n".join(lines)
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["method"] for r in res["merge"]} == set(REAL_METHODS) and {r["experts"] for r in res["merge"]} == {
@@ -261,4 +261,5 @@ def test_demo_on_a_real_profile(micro, tmp_path):
     assert all(r["general"]["facts_em"] >= 0 for r in res["merge"])
     assert set(res["experts"]["lora-pack"]["units"]) == {"units"}  # own skill only: no interference matrix here
     assert "general ability of the base" in text and "GSM8K" in text
+    assert res["compose"][0]["general"]["facts_em"] >= 0 and "learned (blockwise)" in text
     assert (tmp_path / "out" / "report.html").read_text().startswith("<!DOCTYPE html>")

@@ -84,8 +84,12 @@ def test_demo_end_to_end(quick_bench, tmp_path):
     from skillgraft.demo import run_demo
 
     lines: list[str] = []
-    ok = run_demo(tmp_path / "out", profile="quick", cache=quick_bench.root.parent, say=lines.append)
+    ok = run_demo(tmp_path / "out", profile="quick", cache=quick_bench.root.parent, say=lines.append, compose_steps=4)
     assert ok, "\n".join(lines)
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["experts"] for r in res["merge"]} == {"full-pack", "lora-pack"}
-    assert (tmp_path / "out" / "report.html").read_text().startswith("<!DOCTYPE html>")
+    (learned,) = res["compose"]
+    assert learned["learn"] == "blockwise" and len(learned["curve"]) == 4 and learned["examples_used"] == 48
+    assert 0 <= learned["mean_normalized"] and "learned (blockwise)" in "\n".join(lines)
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "Learned composition" in html

@@ -15,6 +15,7 @@ from skillgraft.progress import ProgressFn, no_progress
 
 # The main methods the demo ranks on the real profile (``skillgraft study merge`` runs every method and λ).
 REAL_METHODS = ("task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della")
+COMPOSE_ROWS = 16  # labelled rows per skill for the learned merge (step 5)
 # The demo keeps to minutes: experts are scored on their own skill only (the interference matrix is
 # ``study merge``'s) and every method runs at its default settings (``study merge`` sweeps λ).
 
@@ -26,9 +27,11 @@ def run_demo(
     cache: Path | None = None,
     say: Callable[[str], None] = print,
     progress: ProgressFn = no_progress,
+    compose_steps: int = 40,
 ) -> bool:
     """Run the demo; returns True when the skills are there (experts far above the base) and at least one
-    merge ran. Writes ``results.json`` and ``report.html`` into ``out_dir``.
+    merge ran. Writes ``results.json`` and ``report.html`` into ``out_dir``. ``compose_steps``: optimizer steps of
+    the learned merge (step 5).
 
     On a real profile (SmolLM2-135M-Instruct) the LoRA experts are imported exactly and merged with the main
     methods; on a tiny profile full fine-tunes are also extracted at ``budget`` and every method runs."""
@@ -37,6 +40,7 @@ def run_demo(
     from skillgraft.eval.report import render_html
     from skillgraft.io.writer import atomic_path
     from skillgraft.library import Library
+    from skillgraft.study.compose import compose_row
     from skillgraft.study.merge import MergeStudySpec, run_merge_study
 
     prof = get_profile(profile)
@@ -72,6 +76,14 @@ def run_demo(
         if real:
             spec = dataclasses.replace(spec, methods=REAL_METHODS, sweep_methods=(), interference=False)
         results = run_merge_study(spec, progress)
+    say(
+        f"5. learning the merge instead: `skillgraft compose --learn blockwise` fits one coefficient per skill and "
+        f"block (layer × module group) on {COMPOSE_ROWS} val rows per skill, then the merge is scored like the others"
+    )
+    own = {s: results["experts"]["lora-pack"][s][s]["em"] for s in results["experts"]["lora-pack"]}
+    results["compose"] = [
+        compose_row(manifest, "lora", manifest.skills, own, spec.limit, examples=COMPOSE_ROWS, steps=compose_steps)
+    ]
     with atomic_path(out_dir / "results.json", overwrite=True) as t:
         t.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     with atomic_path(out_dir / "report.html", overwrite=True) as t:
@@ -143,6 +155,11 @@ def _summarise(results: dict, skills: tuple[str, ...], out_dir: Path, say: Calla
         norm, em = f"{r['mean_normalized']:.1%}", f"{r['mean_em']:.1%}"
         row = f"   {r['experts']:<11}{r['method']:<18}{norm:>11}{em:>13}{r['seconds']:>9.2f}"
         say(row + (f"   {_general(r['general'])}" if r.get("general") else ""))
+    for c in results.get("compose", []):
+        best = max((r["mean_normalized"] for r in ranked if r["experts"] == "lora-pack"), default=float("nan"))
+        row = f"   {'lora':<11}{'learned (' + c['learn'] + ')':<18}{c['mean_normalized']:>11.1%}{c['mean_em']:>13.1%}"
+        say(row + f"{c['compose_seconds']:>9.2f}" + (f"   {_general(c['general'])}" if c.get("general") else ""))
+        say(f"   learned from {c['examples_used']} labelled rows; best fixed-recipe LoRA merge above: {best:.1%}")
     say(f"report: {out_dir / 'report.html'}   results: {out_dir / 'results.json'}")
     say(
         "the skills are there: every pack lifts the base on its skill"
