@@ -149,3 +149,22 @@ def test_bad_input_is_refused_and_nothing_is_written(quick_bench, tmp_path, caps
     err = capsys.readouterr().err
     assert message in err and "error:" in err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("bad.jsonl", "broken")) == []
+
+
+def test_target_loss_weighs_rows_not_tokens():
+    """A one-token answer counts as much as a long one: the batch loss is the mean of the rows' own losses."""
+    from conftest import build, llama_config
+
+    from skillgraft.bench.train import _batch
+    from skillgraft.compose.objective import Composite, target_loss
+
+    model = build(llama_config())
+    name = "model.layers.0.mlp.up_proj.weight"
+    delta = torch.randn((2, *dict(model.named_parameters())[name].shape), generator=torch.Generator().manual_seed(0))
+    comp = Composite(model, {name: 0.1 * delta}, Blocks.of([name], "block"))
+    lam = torch.tensor([[0.3, 0.7], [0.5, 0.2]])
+    short, long = ([5, 6, 7, 8], 3), ([9, 10, 11, 12, 13, 14, 15, 16, 17, 18], 2)
+    both = target_loss(comp, lam, _batch([short, long], 0))
+    each = [target_loss(comp, lam, _batch([row], 0)) for row in (short, long)]
+    torch.testing.assert_close(both, (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-6)
+    assert abs(float(each[0]) - float(each[1])) > 1e-3  # the rows differ, so token weighting would show

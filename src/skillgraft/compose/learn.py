@@ -277,6 +277,7 @@ def fit_search(comp: Any, tok: Any, rows: dict[str, list[dict[str, str]]], spec:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     all_rows = [r for s in sorted(rows) for r in rows[s]]
     batches = [_batch(encode(tok, all_rows[i : i + 32]), pad) for i in range(0, len(all_rows), 32)]
+    # each row weighs the same (target_loss is a mean over rows), whatever its batch
 
     def objective(x: Any) -> float:
         lam = torch.tensor(np.asarray(x), dtype=torch.float32).view(k, b)

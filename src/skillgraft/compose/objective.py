@@ -61,9 +61,18 @@ class Composite:
 
 
 def target_loss(comp: Composite, lam: torch.Tensor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Mean cross-entropy of the target tokens (prompt and padding masked)."""
+    """Cross-entropy of the target tokens (prompt and padding masked), averaged per row, then over rows — so a
+    skill whose answers are one token ("71") weighs as much as one whose answers are fifty (a JSON object);
+    a mean over all target tokens of the batch would let the long answers decide."""
     ids, mask, labels = batch
-    return comp.forward(lam, input_ids=ids, attention_mask=mask, labels=labels).loss
+    logits = comp.forward(lam, input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = labels[:, 1:]
+    keep = target != -100
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.clamp(min=0).reshape(-1), reduction="none"
+    ).view(target.shape)
+    per_row = (nll * keep).sum(1) / keep.sum(1).clamp(min=1)
+    return per_row.mean()
 
 
 def left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
