@@ -27,7 +27,7 @@ def run_demo(
     cache: Path | None = None,
     say: Callable[[str], None] = print,
     progress: ProgressFn = no_progress,
-    compose_steps: int = 40,
+    compose_steps: int = 0,
 ) -> bool:
     """Run the demo; returns True when the skills are there (experts far above the base) and at least one
     merge ran. Writes ``results.json`` and ``report.html`` into ``out_dir``. ``compose_steps``: optimizer steps of
@@ -76,14 +76,16 @@ def run_demo(
         if real:
             spec = dataclasses.replace(spec, methods=REAL_METHODS, sweep_methods=(), interference=False)
         results = run_merge_study(spec, progress)
-    say(
-        f"5. learning the merge instead: `skillgraft compose --learn blockwise` fits one coefficient per skill and "
-        f"block (layer × module group) on {COMPOSE_ROWS} val rows per skill, then the merge is scored like the others"
-    )
-    own = {s: results["experts"]["lora-pack"][s][s]["em"] for s in results["experts"]["lora-pack"]}
-    results["compose"] = [
-        compose_row(manifest, "lora", manifest.skills, own, spec.limit, examples=COMPOSE_ROWS, steps=compose_steps)
-    ]
+    if compose_steps > 0:
+        say(
+            "5. learning the merge instead: `skillgraft compose --learn blockwise` fits one coefficient per skill and "
+            f"block (layer × module group) on {COMPOSE_ROWS} val rows per skill; scored like the merges above"
+        )
+        own = {s: results["experts"]["lora-pack"][s][s]["em"] for s in results["experts"]["lora-pack"]}
+        row = compose_row(
+            manifest, "lora", manifest.skills, own, spec.limit, examples=COMPOSE_ROWS, steps=compose_steps
+        )
+        results["compose"] = [row]
     with atomic_path(out_dir / "results.json", overwrite=True) as t:
         t.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     with atomic_path(out_dir / "report.html", overwrite=True) as t:

@@ -179,14 +179,19 @@ def demo(
     out: Path = typer.Option(Path("skillgraft-demo"), "-o", "--out", help="Where results.json and report.html go."),
     budget: str = typer.Option("25%", help="Skill pack budget per expert (a fraction of the dense delta, or 'dense')."),
     cache: Path = typer.Option(None, "--cache", envvar="SKILLGRAFT_CACHE", help="SkillBench cache directory."),
+    learn: bool = typer.Option(
+        False,
+        "--learn",
+        help="Also learn the merge (compose --learn blockwise, 40 steps; ~3-5 min more on real-quick).",
+    ),
 ) -> None:
     """Build (or reuse) SkillBench, extract a skill per expert into a library, merge with every method, rank.
 
-    Example: skillgraft demo --profile quick -o ./skillgraft-demo
+    Example: skillgraft demo --profile quick -o ./skillgraft-demo  (--learn: add the learned merge)
     """
     from skillgraft.demo import run_demo
 
     frac = None if budget == "dense" else parse_fraction(budget)
     with progress_bar() as progress:
-        ok = run_demo(out, profile, frac, cache, say=console.print, progress=progress)
+        ok = run_demo(out, profile, frac, cache, say=console.print, progress=progress, compose_steps=40 if learn else 0)
     raise typer.Exit(0 if ok else 1)
