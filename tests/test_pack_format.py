@@ -104,7 +104,7 @@ def test_missing_part(tmp_path):
     good = _write(tmp_path / "x.skill")
     with SkillPack(good) as pk:
         meta = json.loads(pk.manifest.to_json())
-    meta["tensors"]["w"]["encoding"] = "lowrank"  # claims parts that are not stored
+    meta["tensors"]["w"].update(encoding="lowrank", rank=2, quant=None)  # claims parts that are not stored
     save_file({"w::dense": torch.zeros(8, 6)}, str(tmp_path / "y.skill"), metadata={MANIFEST_KEY: json.dumps(meta)})
     with pytest.raises(FormatError, match="lacks its stored part"):
         SkillPack(tmp_path / "y.skill")

@@ -252,3 +252,28 @@ def test_bf16_factors_stay_exact(alpha, stored):
     up, down = m.factors()
     assert up.dtype == down.dtype == stored and torch.equal(down.float(), a.float())
     torch.testing.assert_close(up.float() @ down.float(), (b.float() @ a.float()) * alpha / 4)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"lora_alpha": "16"},
+        {"r": "4"},
+        {"r": 0},
+        {"lora_alpha": float("nan")},
+        {"use_rslora": "yes"},
+        {"rank_pattern": {"q_proj": "2"}},
+        {"alpha_pattern": []},
+    ],
+    ids=lambda c: next(iter(c)) + "=" + repr(next(iter(c.values()))),
+)
+def test_config_with_wrong_types_is_refused(change, plain_adapter, tmp_path, capsys):
+    adapter = shutil.copytree(plain_adapter, tmp_path / "adapter")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    out = tmp_path / "x.skill"
+    rc = main(["import-lora", str(adapter), "-o", str(out)])
+    err = capsys.readouterr().err
+    key = next(iter(change))
+    assert rc == 4 and f"error: adapter_config.json: {key} must be" in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -11,7 +11,7 @@ import sys
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from skillgraft.errors import SkillgraftError
 
@@ -25,8 +25,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-err_console = Console(stderr=True, highlight=False)
-console = Console(highlight=False)
+# markup off: names, paths, descriptions and messages are user text, printed literally everywhere (a path such
+# as 'a[/]b' would otherwise be read as rich markup and crash the printer); styles are given as arguments.
+err_console = Console(stderr=True, highlight=False, markup=False)
+console = Console(highlight=False, markup=False)
 
 
 class State:
@@ -78,10 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except SkillgraftError as e:
         if State.debug:
             raise
-        # escaped: a message or hint may hold brackets rich would read as markup (pip install 'skillgraft[gguf]')
-        err_console.print(f"[bold red]error:[/] {escape(e.message)}", soft_wrap=True)
+        err_console.print(Text.assemble(("error:", "bold red"), " ", e.message), soft_wrap=True)
         if e.hint:
-            err_console.print(f"[yellow]hint:[/] {escape(e.hint)}", soft_wrap=True)
+            err_console.print(Text.assemble(("hint:", "yellow"), " ", e.hint), soft_wrap=True)
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code

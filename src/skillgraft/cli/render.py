@@ -41,7 +41,7 @@ def progress_bar() -> Iterator[ProgressFn]:
         return
     bars: dict[str, TaskID] = {}
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         _Count(),
         TimeElapsedColumn(),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from skillgraft.cli.main import app, console
 from skillgraft.cli.render import info, print_json, progress_bar
@@ -156,7 +157,7 @@ def inspect(
         if as_json:
             print_json(json.loads(m.to_json()))
             return
-        console.print(f"[bold]{m.name}@{m.version}[/] {m.description}")
+        console.print(Text.assemble((f"{m.name}@{m.version}", "bold"), " ", m.description))
         console.print(f"base: {m.base.name}  fingerprint {m.base.fingerprint}")
         console.print(f"tags: {', '.join(m.tags) or '-'}  created {m.provenance.get('created', '?')}")
         table = Table()

@@ -35,6 +35,31 @@ AUX_FILES = (
 TOKENIZER_FILES = tuple(f for f in AUX_FILES if f not in ("config.json", "generation_config.json"))
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index, validated: tensor name → a shard file inside the model directory."""
+    hint = "the index is damaged: copy it again, or remove it if the directory holds one model.safetensors"
+    try:
+        doc = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{index}: not valid JSON ({getattr(e, 'msg', e)})", hint=hint) from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        got = type(doc.get("weight_map")).__name__ if isinstance(doc, dict) else f"a JSON {type(doc).__name__}"
+        raise FormatError(
+            f"{index}: not a shard index (needs an object with a 'weight_map' object; got {got})", hint=hint
+        )
+    root = index.parent.resolve()
+    for name, fname in doc["weight_map"].items():
+        if not isinstance(fname, str) or not fname:
+            raise FormatError(f"{index}: tensor {name!r} maps to {fname!r}, not a shard file name", hint=hint)
+        where = (index.parent / fname).resolve()
+        if Path(fname).is_absolute() or ".." in Path(fname).parts or not where.is_relative_to(root):
+            raise FormatError(
+                f"{index}: shard {fname!r} of tensor {name!r} lies outside the model directory",
+                hint="shard paths must be file names inside the model directory; skillgraft reads nothing outside it",
+            )
+    return doc["weight_map"]
+
+
 class Checkpoint:
     """A model directory whose tensors are read one at a time.
 
@@ -60,17 +85,17 @@ class Checkpoint:
         if not cfg.exists():
             return {}
         try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{cfg}: not valid JSON ({e.msg} at line {e.lineno})") from e
+            config = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FormatError(f"{cfg}: not valid JSON ({getattr(e, 'msg', e)})") from e
+        if not isinstance(config, dict):
+            raise FormatError(f"{cfg}: must hold a JSON object, not a {type(config).__name__}")
+        return config
 
     def _open(self, allow_pickle: bool) -> None:
         index = self.path / SAFE_INDEX
         if index.exists():
-            try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise FormatError(f"{index}: not a valid safetensors index (no weight_map)") from e
+            weight_map = read_weight_map(index)
             for fname in sorted(set(weight_map.values())):
                 shard = self.path / fname
                 if not shard.exists():
@@ -105,7 +130,7 @@ class Checkpoint:
 
     def _load_pickle(self) -> None:
         index = self.path / PICKLE_INDEX
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [PICKLE_SINGLE]
+        files = sorted(set(read_weight_map(index).values())) if index.exists() else [PICKLE_SINGLE]
         tensors: dict[str, torch.Tensor] = {}
         for fname in files:
             try:

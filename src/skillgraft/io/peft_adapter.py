@@ -143,8 +143,42 @@ def _read_config(adapter_dir: Path) -> dict:
     return config
 
 
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _rank(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+_CONFIG_TYPES = {
+    "r": ("an integer >= 1", _rank),
+    "lora_alpha": ("a finite number", _number),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "fan_in_fan_out": ("true or false", lambda v: isinstance(v, bool)),
+    "peft_type": ("a string", lambda v: isinstance(v, str)),
+    "rank_pattern": (
+        "an object of module → integer >= 1",
+        lambda v: isinstance(v, dict) and all(map(_rank, v.values())),
+    ),
+    "alpha_pattern": ("an object of module → number", lambda v: isinstance(v, dict) and all(map(_number, v.values()))),
+}
+
+
+def check_config_types(config: dict) -> None:
+    """The fields the merge reads must have their JSON types (``"lora_alpha": "16"`` would scale by a string)."""
+    for key, (kind, ok) in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and not ok(value):
+            raise FormatError(
+                f"{ADAPTER_CONFIG}: {key} must be {kind}, not {type(value).__name__} {value!r:.40}",
+                hint=f"fix {key} in {ADAPTER_CONFIG} (peft writes it as a JSON number/boolean)",
+            )
+
+
 def check_config(config: dict) -> None:
     """Refuse, by name, every adapter type or LoRA variant whose merge is not W + B·A·scale."""
+    check_config_types(config)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise UnsupportedError(f"adapter type {peft_type!r} is not supported (only peft_type LORA)", MERGE_HINT)

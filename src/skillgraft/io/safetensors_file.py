@@ -31,6 +31,11 @@ DTYPE_TO_ST = {
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",  # safetensors' names for the two standard fp8 formats
+    torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
 }
 ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 MAX_HEADER = 100 * 1024 * 1024
@@ -52,6 +57,13 @@ class TensorInfo:
 
 
 _DAMAGED = "the file is damaged or incomplete: copy or download it again (compare its size with the source's)"
+
+
+def _int(v: object) -> int:
+    """A JSON integer (``int("7")`` or ``int(7.5)`` would accept a corrupt header)."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{v!r:.20} is not an integer")
+    return v
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -79,15 +91,30 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise FormatError(f"{path}: corrupt safetensors header (not a JSON object)", hint=_DAMAGED)
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise FormatError(
+            f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)", hint=_DAMAGED
+        )
     data_start = 8 + n
     out: dict[str, TensorInfo] = {}
     for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise FormatError(f"{path}: corrupt header entry for tensor {name!r} (not an object)", hint=_DAMAGED)
+        if isinstance(entry.get("dtype"), str) and entry["dtype"] not in ST_TO_DTYPE:
+            raise FormatError(
+                f"{path}: tensor {name!r} has dtype {entry['dtype']!r:.20}, which skillgraft cannot read",
+                hint=f"convert the checkpoint to one of {', '.join(sorted(ST_TO_DTYPE))}",
+            )
         try:
             dtype = ST_TO_DTYPE[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = tuple(_int(s) for s in entry["shape"])
+            begin, end = (_int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
             raise FormatError(f"{path}: corrupt header entry for tensor {name!r} ({err})", hint=_DAMAGED) from err
+        if any(d < 0 for d in shape):
+            raise FormatError(
+                f"{path}: corrupt header entry for tensor {name!r} (negative dimension in its shape)", hint=_DAMAGED
+            )
         numel = 1
         for s in shape:
             numel *= s

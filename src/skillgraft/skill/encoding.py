@@ -34,7 +34,7 @@ def encode_dense(delta: torch.Tensor, base: torch.Tensor | None, tuned: torch.Te
     chosen = torch.float32
     if base is not None and tuned is not None and tuned.dtype in (torch.float16, torch.bfloat16, torch.float32):
         for cand in (tuned.dtype, torch.float16, torch.float32):
-            if cand.itemsize > torch.float32.itemsize:
+            if cand not in DTYPE_NAMES:  # fp8 checkpoints: the delta is stored in fp16/fp32
                 continue
             approx = delta.to(cand)
             if not torch.isfinite(approx).all():
@@ -90,30 +90,108 @@ def encode_sparse(delta: torch.Tensor, k: int) -> tuple[dict, dict]:
     return tensors, {"encoding": "sparse", "nnz": k, "value_dtype": dtype_name(dt)}
 
 
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def expected_parts(entry: dict) -> dict[str, tuple[tuple[int, ...] | None, tuple[torch.dtype, ...] | None]]:
+    """The stored parts an entry needs: part → (shape or None when only its rank is fixed, allowed dtypes)."""
+    shape = tuple(entry["shape"])
+    floats = tuple(STORE_DTYPES.values())
+    ints = (torch.int32, torch.int64)
+    enc = entry["encoding"]
+    if enc == "dense":
+        return {"dense": (shape, floats)}
+    if enc == "lowrank":
+        m, r = shape[0], entry["rank"]
+        n = _numel(shape[1:])
+        if entry.get("quant") == "int8":
+            i8 = (torch.int8,)
+            return {"up": ((m, r), i8), "up_scale": ((m,), floats), "down": ((r, n), i8), "down_scale": ((r,), floats)}
+        return {"up": ((m, r), floats), "down": ((r, n), floats)}
+    if enc == "sparse":
+        nnz = entry["nnz"]
+        return {"idx": ((nnz,), ints), "val": ((nnz,), floats)}
+    raise FormatError(f"tensor {entry.get('name')!r}: unknown encoding {enc!r}")
+
+
+def check_parts(name: str, entry: dict, parts: dict[str, tuple[torch.dtype, tuple[int, ...]]], where: str) -> None:
+    """Refuse stored parts whose dtype, shape or byte count disagree with the manifest entry (no data is read)."""
+    hint = "the pack is damaged or was not written by skillgraft: extract or download it again"
+    nbytes = 0
+    for part, (want_shape, want_dtypes) in expected_parts(entry).items():
+        dtype, shape = parts[part]
+        if tuple(shape) != want_shape:
+            raise FormatError(
+                f"{where}: tensor {name!r} stores its {entry['encoding']} part {part!r} as {list(shape)}, "
+                f"but its manifest entry needs {list(want_shape)}",
+                hint=hint,
+            )
+        if dtype not in want_dtypes:
+            raise FormatError(f"{where}: tensor {name!r} stores its part {part!r} as {dtype_name(dtype)}", hint=hint)
+        nbytes += _numel(shape) * dtype.itemsize
+    if entry["encoding"] == "sparse" and entry["nnz"] > _numel(entry["shape"]):
+        raise FormatError(
+            f"{where}: tensor {name!r} stores {entry['nnz']} sparse entries for {_numel(entry['shape'])} elements",
+            hint=hint,
+        )
+    if entry["bytes"] != nbytes:
+        raise FormatError(
+            f"{where}: tensor {name!r} says it stores {entry['bytes']} bytes but its parts hold {nbytes}", hint=hint
+        )
+
+
 def decode(entry: dict, get) -> torch.Tensor:
-    """Rebuild the fp32 delta of one tensor from its entry and a ``get(part) -> tensor`` accessor."""
+    """Rebuild the fp32 delta of one tensor from its entry and a ``get(part) -> tensor`` accessor.
+
+    Part shapes must be exactly the ones the spec gives for the entry (a [32, 64] part never fills a [64, 32]
+    tensor), and sparse indices must be in range, sorted and unique.
+    """
     shape = tuple(entry["shape"])
     enc = entry["encoding"]
+    name = entry.get("name")
     try:
-        if enc == "dense":
-            return get("dense").to(torch.float32).reshape(shape)
-        if enc == "lowrank":
-            up, down = get("up"), get("down")
-            if entry.get("quant") == "int8":
-                up = up.float() * get("up_scale")[:, None]
-                down = down.float() * get("down_scale")[:, None]
-            m = shape[0]
-            return (up.float() @ down.float()).reshape(m, -1).reshape(shape)
-        if enc == "sparse":
-            n = 1
-            for s in shape:
-                n *= s
-            out = torch.zeros(n, dtype=torch.float32)
-            out[get("idx").long()] = get("val").float()
-            return out.reshape(shape)
-    except (RuntimeError, IndexError, KeyError) as e:
-        raise FormatError(f"tensor {entry.get('name')!r}: stored {enc} parts do not fit its shape {shape} ({e})") from e
-    raise FormatError(f"tensor {entry.get('name')!r}: unknown encoding {enc!r}")
+        want = expected_parts(entry)
+    except (KeyError, IndexError, TypeError) as e:
+        raise FormatError(f"tensor {name!r}: manifest entry lacks a field its {enc} encoding needs ({e})") from e
+    parts = {}
+    for part, (want_shape, _) in want.items():
+        t = get(part)
+        if tuple(t.shape) != want_shape:
+            raise FormatError(
+                f"tensor {name!r}: stored {enc} part {part!r} has shape {list(t.shape)}, "
+                f"its manifest entry needs {list(want_shape)}"
+            )
+        parts[part] = t
+    if enc == "dense":
+        return parts["dense"].to(torch.float32)
+    if enc == "lowrank":
+        up, down = parts["up"].float(), parts["down"].float()
+        if entry.get("quant") == "int8":
+            up = up * parts["up_scale"].float()[:, None]
+            down = down * parts["down_scale"].float()[:, None]
+        return (up @ down).reshape(shape)
+    n = _numel(shape)
+    idx = parts["idx"].long()
+    if idx.numel():
+        if int(idx[0]) < 0 or int(idx[-1]) >= n or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
+            bad = (
+                "negative"
+                if int(idx.min()) < 0
+                else "out of range"
+                if int(idx.max()) >= n
+                else "unsorted or duplicated"
+            )
+            raise FormatError(
+                f"tensor {name!r}: sparse indices are {bad} (they must be sorted, unique and in [0, {n}))",
+                hint="the pack is damaged: extract or download it again",
+            )
+    out = torch.zeros(n, dtype=torch.float32)
+    out[idx] = parts["val"].float()
+    return out.reshape(shape)
 
 
 def stored_parts(entry: dict) -> tuple[str, ...]:

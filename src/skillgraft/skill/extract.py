@@ -142,9 +142,10 @@ def _check_pair(base: Checkpoint, tuned: Checkpoint) -> list[str]:
 
 def _delta(base: Checkpoint, tuned: Checkpoint, name: str) -> torch.Tensor | None:
     b, t = base.get(name), tuned.get(name)
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    fp8 = t.is_floating_point() and t.element_size() == 1  # torch has few fp8 kernels: check in fp32, compare bytes
+    if t.is_floating_point() and not torch.isfinite(t.float() if fp8 else t).all():
         raise NumericError(f"tensor {name!r} of the fine-tuned model contains NaN or Inf")
-    if b.dtype == t.dtype and torch.equal(b, t):
+    if b.dtype == t.dtype and (torch.equal(b.view(torch.uint8), t.view(torch.uint8)) if fp8 else torch.equal(b, t)):
         return None
     return t.float() - b.float()
 

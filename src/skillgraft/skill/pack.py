@@ -9,32 +9,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from skillgraft.errors import FormatError, InputError, NotFoundError, NumericError
+from skillgraft.errors import FormatError, NotFoundError, NumericError
 from skillgraft.io.safetensors_file import MappedFile, SafetensorsWriter
 from skillgraft.io.writer import atomic_path
-from skillgraft.skill.encoding import decode, stored_parts
+from skillgraft.skill.encoding import check_parts, decode, stored_parts
+from skillgraft.skill.manifest_check import check_manifest, validate_name  # noqa: F401 (validate_name is re-exported)
 
 FORMAT_NAME = "skillgraft.skill"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "skillgraft.manifest"
-ENCODINGS = ("dense", "lowrank", "sparse")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
-
-
-def validate_name(name: str) -> str:
-    """Skill names are file- and URL-safe: letters, digits, ``_ . + -``; no ``/`` and no ``..``."""
-    if not NAME_RE.match(name) or ".." in name:
-        raise InputError(
-            f"invalid skill name {name!r}",
-            hint="use letters, digits and _ . + - (no '/', no '..', at most 128 characters)",
-        )
-    return name
+_REMAKE = "the pack is damaged or was not written by skillgraft: extract or download it again"
 
 
 @dataclass(frozen=True)
@@ -75,31 +64,25 @@ class Manifest:
             raise FormatError(f"{where}: skill manifest is not valid JSON ({e.msg})") from e
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise FormatError(f"{where}: not a skill pack (manifest format is not {FORMAT_NAME!r})")
-        if d.get("format_version") != FORMAT_VERSION:
+        if type(d.get("format_version")) is not int or d["format_version"] != FORMAT_VERSION:
             raise FormatError(
                 f"{where}: skill pack format version {d.get('format_version')} is not supported "
                 f"(this skillgraft reads version {FORMAT_VERSION})",
                 hint="upgrade skillgraft",
             )
-        try:
-            base = BaseIdentity(**d["base"])
-            tensors = d["tensors"]
-            for name, entry in tensors.items():
-                if entry.get("encoding") not in ENCODINGS or not isinstance(entry.get("shape"), list):
-                    raise FormatError(f"{where}: manifest entry for {name!r} has no valid encoding/shape")
-            return cls(
-                name=d["name"],
-                version=int(d["version"]),
-                base=base,
-                tensors=tensors,
-                description=d.get("description", ""),
-                tags=tuple(d.get("tags", ())),
-                provenance=d.get("provenance", {}),
-                evaluations=tuple(d.get("evaluations", ())),
-                source=d.get("source", {}),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{where}: skill manifest is missing or has a bad field ({e})") from e
+        d = check_manifest(d, where)
+        b = d["base"]
+        return cls(
+            name=d["name"],
+            version=d["version"],
+            base=BaseIdentity(b["name"], b.get("fingerprint"), b.get("structure"), b.get("tokenizer")),
+            tensors=d["tensors"],
+            description=d.get("description", ""),
+            tags=tuple(d.get("tags", ())),
+            provenance=d.get("provenance", {}),
+            evaluations=tuple(d.get("evaluations", ())),
+            source=d.get("source", {}),
+        )
 
     def replace(self, **changes) -> Manifest:
         return dataclasses.replace(self, **changes)
@@ -128,11 +111,18 @@ class SkillPack:
             self._file.close()
             raise FormatError(f"{self.path}: not a skill pack (a safetensors file without a skillgraft manifest)")
         self.manifest = Manifest.from_json(text, str(self.path))
-        for name, entry in self.manifest.tensors.items():
-            for part in stored_parts(entry):
-                if part_key(name, part) not in self._file.tensors:
-                    self._file.close()
-                    raise FormatError(f"{self.path}: tensor {name!r} lacks its stored part {part!r}")
+        try:
+            for name, entry in self.manifest.tensors.items():
+                infos = {}
+                for part in stored_parts(entry):
+                    info = self._file.tensors.get(part_key(name, part))
+                    if info is None:
+                        raise FormatError(f"{self.path}: tensor {name!r} lacks its stored part {part!r}", hint=_REMAKE)
+                    infos[part] = info
+                check_parts(name, entry, {p: (i.dtype, i.shape) for p, i in infos.items()}, str(self.path))
+        except FormatError:
+            self._file.close()
+            raise
 
     @property
     def names(self) -> list[str]:
