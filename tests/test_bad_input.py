@@ -212,3 +212,71 @@ def test_missing_paths(capsys, llama_pair, tmp_path):
     out = tmp_path / "x.skill"
     rc, err, lines = run(capsys, "extract", tmp_path / "nope", base, "-o", out)
     _assert_clean_error(rc, err, lines, 3, "no such model directory", out)
+
+
+def _resave_pack(src, dst, change):
+    import json
+
+    from skillgraft.skill.pack import MANIFEST_KEY, SkillPack
+
+    with SkillPack(src) as p:
+        meta = json.loads(p.manifest.to_json())
+    change(meta)
+    save_file(load_file(str(src)), str(dst), metadata={MANIFEST_KEY: json.dumps(meta), "format": "pt"})
+    return dst
+
+
+def test_pack_without_base_fingerprint_applies_with_a_warning(capsys, skill, llama_pair, tmp_path):
+    bare = _resave_pack(skill, tmp_path / "bare.skill", lambda m: m["base"].update(fingerprint=None, structure=None))
+    out = tmp_path / "out"
+    assert main(["-q", "apply", str(llama_pair[0]), str(bare), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "records no base fingerprint" in err and out.is_dir()
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {llama_pair[0]}\nmodels:\n  - model: {bare}\n")
+    assert main(["-q", "merge", str(cfg), "-o", str(tmp_path / "merged")]) == 0
+    assert "records no base fingerprint" in capsys.readouterr().err
+    assert main(["-q", "apply", str(llama_pair[0]), str(skill), "-o", str(tmp_path / "out2")]) == 0
+    assert "warning:" not in capsys.readouterr().err  # a pack with a fingerprint: checked, nothing to say
+
+
+def test_tokenizer_fingerprint_is_compared(capsys, llama_pair, tmp_path):
+    base, tuned = (shutil.copytree(p, tmp_path / p.name) for p in llama_pair)
+    for d in (base, tuned):
+        (d / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    pack = tmp_path / "s.skill"
+    assert main(["-q", "extract", str(base), str(tuned), "-o", str(pack), "--rank", "2"]) == 0
+    (base / "tokenizer.json").write_text('{"model": {"vocab": {"b": 0}}}')  # same weights, other vocabulary
+    out = tmp_path / "out"
+    rc, err, lines = run(capsys, "apply", base, pack, "-o", out)
+    _assert_clean_error(rc, err, lines, 5, "another tokenizer", out)
+    assert any(line.startswith("hint:") and "--force" in line for line in lines)
+    assert main(["-q", "apply", str(base), str(pack), "-o", str(out), "--force"]) == 0
+
+
+def test_dry_run_validates_every_value(capsys, llama_pair, tmp_path):
+    for params, text in (("lambda: .inf", "'lambda' must be finite"), ("density: .nan", "'density' must be finite")):
+        method = "task_arithmetic" if "lambda" in params else "ties"
+        cfg = tmp_path / "m.yaml"
+        cfg.write_text(
+            f"merge_method: {method}\nbase_model: {llama_pair[0]}\nmodels:\n  - model: {llama_pair[1]}\n"
+            f"parameters:\n  {params}\n"
+        )
+        out = tmp_path / "out"
+        for extra in (["--dry-run"], []):
+            rc, err, lines = run(capsys, "merge", cfg, "-o", out, *extra)
+            _assert_clean_error(rc, err, lines, 2, text, out)
+
+
+def test_generate_refuses_dlf_with_alpha_and_non_finite_alpha(capsys, llama_pair, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    base, tuned = llama_pair
+    for expert, method, text in (
+        (f"{tuned}:{base}:0.5", "dlf", "dlf chooses α at every step"),
+        (f"{tuned}:{base}:inf", "proxy", "finite"),
+        (f"{tuned}:{base}:nan", "eft", "finite"),
+    ):
+        rc = main(["generate", "--base", str(base), "--expert", expert, "--method", method, "--prompts", str(prompts)])
+        err = capsys.readouterr().err
+        assert rc == 2 and text in err and "Traceback" not in err, err

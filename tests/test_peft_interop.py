@@ -277,3 +277,19 @@ def test_config_with_wrong_types_is_refused(change, plain_adapter, tmp_path, cap
     key = next(iter(change))
     assert rc == 4 and f"error: adapter_config.json: {key} must be" in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_adapter_tokenizer_differing_from_the_base_is_refused(plain_adapter, bases, tmp_path, capsys):
+    adapter = shutil.copytree(plain_adapter, tmp_path / "adapter")
+    base = shutil.copytree(bases["llama"], tmp_path / "base")
+    (base / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    (adapter / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0, "<pad>": 1}}}')  # trainer added a token
+    out = tmp_path / "x.skill"
+    rc = main(["import-lora", str(adapter), "-o", str(out), "--base", str(base)])
+    err = capsys.readouterr().err
+    assert rc == 5 and "error: the adapter's tokenizer files" in err and "--force" in err and not out.exists(), err
+    assert main(["-q", "import-lora", str(adapter), "-o", str(out), "--base", str(base), "--force"]) == 0
+    (adapter / "tokenizer.json").write_text((base / "tokenizer.json").read_text())  # the same files: fine
+    assert main(["-q", "import-lora", str(adapter), "-o", str(out), "--base", str(base), "--overwrite"]) == 0
+    with SkillPack(out) as p:
+        assert p.manifest.base.tokenizer is not None

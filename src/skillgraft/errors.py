@@ -83,3 +83,7 @@ class WorkerError(SkillgraftError, RuntimeError):
     """A worker of a distributed run (a Ray actor) failed or could not start (missing package, missing path)."""
 
     exit_code = 11
+
+
+class SkillgraftWarning(UserWarning):
+    """Something skillgraft could not check and says so (the CLI prints it as ``warning: …``)."""

@@ -40,15 +40,27 @@ def _cut(ids, tok):
 
 @pytest.mark.parametrize("method", ["proxy", "eft", "dlf"])
 def test_alpha_zero_is_the_large_base(models, method):
+    """α = 0 gives the large base. DLF chooses α itself (in [0, 2]), so its analogue is an expert that equals
+    its small base: whatever α it picks, the steer is zero and the output is the large base's."""
     tok, large, small, expert = models
-    fused = FusedModel(
-        large, tok, [ExpertPair(expert, small, alpha=0.0)], method=method, dlf_grid=2 if method != "dlf" else 11
-    )
+    pair = ExpertPair(small, small, alpha=1.0) if method == "dlf" else ExpertPair(expert, small, alpha=0.0)
+    fused = FusedModel(large, tok, [pair], method=method, dlf_grid=11)
     got = fused.generate(PROMPTS, GenerationSpec(max_new_tokens=6))
-    if method == "dlf":  # DLF picks α itself; it must stay in [0, 2]
-        assert all(((a >= 0) & (a <= 2)).all() for a in fused.last_alphas)
-        return
     assert got == _hf_greedy(large, tok, PROMPTS, 6)
+    if method == "dlf":
+        assert fused.last_alphas and all(((a >= 0) & (a <= 2)).all() for a in fused.last_alphas)
+
+
+def test_dlf_refuses_an_explicit_alpha_and_non_finite_alphas_are_refused():
+    from skillgraft.transfer.load import ExpertSpec, TransferSpec
+
+    with pytest.raises(InputError, match="dlf chooses α at every step"):
+        TransferSpec("large", (ExpertSpec.parse("tuned:base:0.5"),), method="dlf")
+    TransferSpec("large", (ExpertSpec.parse("tuned:base"),), method="dlf")  # no α given: fine
+    TransferSpec("large", (ExpertSpec.parse("tuned:base:0.5"),), method="proxy")
+    for bad in ("inf", "nan", "-inf"):
+        with pytest.raises(InputError, match="finite"):
+            ExpertSpec.parse(f"tuned:base:{bad}")
 
 
 @pytest.mark.parametrize("method", ["proxy", "eft"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from skillgraft.cli.main import app, console
-from skillgraft.cli.render import info, print_json
+from skillgraft.cli.render import info, print_json, warn
 
 
 def _command(*parts: object, flags: dict[str, object]) -> str:
@@ -36,6 +36,9 @@ def import_lora_cmd(
     name: str | None = typer.Option(None, "--name", help="Skill name (default: the output file's stem)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept adapter_model.bin (pickle; trusted only)."),
+    force: bool = typer.Option(
+        False, "--force", help="Import even if the adapter's tokenizer files differ from BASE's."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     from skillgraft.io.peft_adapter import import_lora
@@ -45,7 +48,13 @@ def import_lora_cmd(
         adapter_dir,
         "-o",
         out,
-        flags={"--base": base, "--name": name, "--overwrite": overwrite, "--allow-pickle": allow_pickle},
+        flags={
+            "--base": base,
+            "--name": name,
+            "--overwrite": overwrite,
+            "--allow-pickle": allow_pickle,
+            "--force": force,
+        },
     )
     manifest = import_lora(
         adapter_dir,
@@ -55,6 +64,7 @@ def import_lora_cmd(
         overwrite=overwrite,
         allow_pickle=allow_pickle,
         command=command,
+        force=force,
     )
     ranks = sorted({int(e["rank"]) for e in manifest.tensors.values()})
     if as_json:
@@ -70,7 +80,9 @@ def import_lora_cmd(
         )
         return
     if manifest.base.fingerprint is None:
-        info("note: no --base given; the pack records no base fingerprint")
+        warn(
+            "no --base given: the pack records no base fingerprint, so applying it checks only tensor names and shapes"
+        )
     console.print(
         f"wrote {out}: {len(manifest.tensors)} low-rank tensors (rank {', '.join(map(str, ranks))}), exact",
         soft_wrap=True,

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from skillgraft.cli.main import app, console
-from skillgraft.cli.render import print_json, progress_bar
+from skillgraft.cli.render import print_json, progress_bar, warn
 from skillgraft.cli.skill_cmd import LIBRARY_OPT, _command_line
 
 
@@ -46,6 +46,8 @@ def merge(
         dry_run=dry_run,
     )
     plan = plan_merge(cfg, opts)
+    for note in plan.warnings:
+        warn(note)
     try:
         if dry_run:
             _show_plan(plan.describe(), as_json)

@@ -62,6 +62,11 @@ def print_json(obj: object) -> None:
     console.file.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def warn(msg: str) -> None:
+    """``warning: …`` on stderr, also with --quiet: something was not checked and the user should know."""
+    err_console.print(Text.assemble(("warning:", "yellow"), " ", msg), soft_wrap=True)
+
+
 def info(msg: str) -> None:
     if not State.quiet:
         err_console.print(msg, soft_wrap=True)

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from skillgraft.cli.main import app, console
-from skillgraft.cli.render import info, print_json, progress_bar
+from skillgraft.cli.render import info, print_json, progress_bar, warn
 from skillgraft.errors import InputError
 
 LIBRARY_OPT = typer.Option(None, "--library", envvar="SKILLGRAFT_LIBRARY", help="Skill library directory.")
@@ -131,6 +131,8 @@ def apply(
             library=library,
             progress=progress,
         )
+    for note in res["warnings"]:
+        warn(note)
     if as_json:
         print_json(res)
     else:

@@ -59,7 +59,7 @@ def generate(
 ) -> None:
     """Generate with a large base steered by small (expert, base) pairs — proxy tuning, EFT or DLF.
 
-    Example: skillgraft generate --base ./large --expert ./small-math:./small:1.0 --method dlf --prompts q.jsonl
+    Example: skillgraft generate --base ./large --expert ./small-math:./small --method dlf --prompts q.jsonl
     --parallel
     """
     from skillgraft.transfer.fused import GenerationSpec

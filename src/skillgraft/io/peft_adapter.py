@@ -276,7 +276,9 @@ def read_adapter(adapter_dir: str | Path, allow_pickle: bool = False) -> LoraAda
     return LoraAdapter(adapter_dir, config, modules, copies)
 
 
-def _base_identity(adapter: LoraAdapter, base: Path | None, allow_pickle: bool) -> tuple[BaseIdentity, dict]:
+def _base_identity(
+    adapter: LoraAdapter, base: Path | None, allow_pickle: bool, force: bool = False
+) -> tuple[BaseIdentity, dict]:
     """Check the adapter against the base (names, shapes, stored weight copies); identity and dtypes."""
     if base is None:
         if adapter.base_copies:
@@ -307,7 +309,14 @@ def _base_identity(adapter: LoraAdapter, base: Path | None, allow_pickle: bool) 
                 )
         fp = fingerprint_checkpoint(ckpt)
         name = str(ckpt.config.get("_name_or_path") or adapter.config.get("base_model_name_or_path") or base.resolve())
-        return BaseIdentity(name, fp.content, fp.structure, fingerprint_tokenizer(ckpt.path)), dtypes
+        tok, own = fingerprint_tokenizer(ckpt.path), fingerprint_tokenizer(adapter.path)
+        if tok and own and tok != own and not force:
+            raise MismatchError(
+                f"the adapter's tokenizer files (fingerprint {own}) differ from the base's ({tok}): the adapter "
+                "may have been trained with another vocabulary or added tokens",
+                hint="import against the base it was trained on, or pass --force if both encode the same vocabulary",
+            )
+        return BaseIdentity(name, fp.content, fp.structure, tok), dtypes
 
 
 def _source(config: dict) -> dict:
@@ -338,6 +347,7 @@ def import_lora(
     description: str = "",
     tags: tuple[str, ...] = (),
     command: str = "",
+    force: bool = False,
 ) -> Manifest:
     """Write a skill pack holding the adapter's factors exactly (a lowrank entry per module, scale folded in).
 
@@ -348,7 +358,7 @@ def import_lora(
     check_output(out, overwrite)
     skill_name = validate_name(name or out.name.removesuffix(".skill"))
     adapter = read_adapter(adapter_dir, allow_pickle)
-    identity, dtypes = _base_identity(adapter, Path(base) if base is not None else None, allow_pickle)
+    identity, dtypes = _base_identity(adapter, Path(base) if base is not None else None, allow_pickle, force)
     writer = PackWriter(out, overwrite)
     try:
         for m in adapter.modules.values():

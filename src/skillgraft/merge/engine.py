@@ -28,7 +28,7 @@ from skillgraft.merge.registry import MethodInfo, TensorJob, get_method
 from skillgraft.merge.sources import DeltaSource, check_source_fits, detect, open_source
 from skillgraft.progress import ProgressFn, no_progress
 from skillgraft.skill.apply import check_fit
-from skillgraft.skill.fingerprint import fingerprint_checkpoint
+from skillgraft.skill.fingerprint import fingerprint_checkpoint, fingerprint_tokenizer
 
 OUT_FORMATS = ("hf", "skill", "lora")
 LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer|block)\.(\d+)\.")
@@ -81,6 +81,7 @@ class MergePlan:
     stats: list[Any] = field(default_factory=list)  # per input: LazyStats (get(name) -> Tensor | None)
     stats_dir: Any = None
     unchecked_fingerprints: tuple[str, ...] = ()  # skill inputs whose base fingerprint a dry run did not check
+    warnings: tuple[str, ...] = ()  # what could not be checked at all (a pack without a base fingerprint)
 
     @property
     def out_bytes(self) -> int:
@@ -112,6 +113,7 @@ class MergePlan:
             "total_tensors": len(self.tensors),
             "expected_output_bytes": self.out_bytes,
             "fingerprints_not_checked": list(self.unchecked_fingerprints),
+            "warnings": list(self.warnings),
         }
 
     def close(self) -> None:
@@ -175,16 +177,19 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
         shapes = {n: base.shape(n) for n in base.names()}
         fp = None
         unchecked: list[str] = []
+        notes: list[str] = []
         for ref in refs:
             src = open_source(ref, opts.library, opts.allow_pickle)
             sources.append(src)
             check_source_fits(src, shapes)
-            if src.kind == "skill" and not opts.force and src.pack.manifest.base.fingerprint:  # type: ignore[attr-defined]
-                if opts.dry_run:
-                    unchecked.append(src.label)  # names and shapes are still checked below
-                else:
-                    fp = fp or fingerprint_checkpoint(base).content
-                check_fit(src.pack, shapes, fp, opts.force)  # type: ignore[attr-defined]
+            if src.kind == "skill":
+                pack = src.pack  # type: ignore[attr-defined]
+                if not opts.force and pack.manifest.base.fingerprint:
+                    if opts.dry_run:
+                        unchecked.append(src.label)  # names and shapes are still checked below
+                    else:
+                        fp = fp or fingerprint_checkpoint(base).content
+                notes += check_fit(pack, shapes, fp, opts.force, fingerprint_tokenizer(base.path))
         tensors = []
         for name in base.names():
             in_dtype = base.dtype(name)
@@ -201,6 +206,7 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
     seed = config.seed if opts.seed is None else opts.seed
     plan = MergePlan(config, info, params, base, sources, tensors, num_layers, seed)
     plan.unchecked_fingerprints = tuple(unchecked)
+    plan.warnings = tuple(notes)
     return plan
 
 

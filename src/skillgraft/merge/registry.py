@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import keyword
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,15 @@ class MethodInfo:
             near = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
             hint = f"did you mean {near[0]!r}?" if near else f"{self.name} takes: {', '.join(sorted(fields)) or 'none'}"
             raise InputError(f"unknown parameter {unknown[0]!r} for merge method {self.name!r}", hint=hint)
+        for key, value in values.items():
+            for v in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                if not math.isfinite(v):
+                    raise InputError(
+                        f"merge method {self.name!r}: parameter {key.rstrip('_')!r} must be finite, not {v}",
+                        hint="give a finite number (YAML reads .inf and .nan as infinity and not-a-number)",
+                    )
         try:
             return self.params(**values)
         except TypeError as e:

@@ -7,17 +7,18 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from skillgraft.errors import InputError, MismatchError, NumericError
+from skillgraft.errors import InputError, MismatchError, NumericError, SkillgraftWarning
 from skillgraft.io.checkpoint import Checkpoint
 from skillgraft.io.writer import CheckpointWriter, check_output
 from skillgraft.progress import ProgressFn, no_progress
-from skillgraft.skill.fingerprint import fingerprint_checkpoint, fingerprint_state, model_state
+from skillgraft.skill.fingerprint import fingerprint_checkpoint, fingerprint_state, fingerprint_tokenizer, model_state
 from skillgraft.skill.pack import SkillPack
 
 
@@ -52,14 +53,27 @@ def open_skill(ref: str | Path | SkillPack, library: Path | None = None) -> Skil
     return SkillPack(resolve_skill(str(ref), Library(library) if library else None))
 
 
-def check_fit(pack: SkillPack, shapes: dict[str, tuple[int, ...]], fingerprint: str | None, force: bool) -> None:
-    """Refuse a pack made for another base (fingerprint), or whose tensors the base lacks or shapes differ."""
+def check_fit(
+    pack: SkillPack,
+    shapes: dict[str, tuple[int, ...]],
+    fingerprint: str | None,
+    force: bool,
+    tokenizer: str | None = None,
+) -> list[str]:
+    """Refuse a pack made for another base (weights or tokenizer fingerprint), or whose tensors the base lacks
+    or shapes differ. Returns warnings: what could not be checked (a pack that records no base fingerprint)."""
     m = pack.manifest
     if m.base.fingerprint and fingerprint and m.base.fingerprint != fingerprint and not force:
         raise MismatchError(
             f"skill {m.name}@{m.version} was made for another base ({m.base.name}, fingerprint "
             f"{m.base.fingerprint}, this base has {fingerprint})",
             hint="use the base the skill was extracted from, or pass --force to apply it anyway",
+        )
+    if m.base.tokenizer and tokenizer and m.base.tokenizer != tokenizer and not force:
+        raise MismatchError(
+            f"skill {m.name}@{m.version} was made with another tokenizer (fingerprint {m.base.tokenizer}, "
+            f"this base's tokenizer files give {tokenizer}): token ids may mean other text",
+            hint="use the base's own tokenizer files, or pass --force if they encode the same vocabulary",
         )
     for name, entry in m.tensors.items():
         if name not in shapes:
@@ -71,6 +85,12 @@ def check_fit(pack: SkillPack, shapes: dict[str, tuple[int, ...]], fingerprint: 
             raise MismatchError(
                 f"skill {m.name}: tensor {name!r} has shape {entry['shape']} but the base's is {list(shapes[name])}"
             )
+    if not m.base.fingerprint:
+        return [
+            f"skill {m.name}@{m.version} records no base fingerprint (a LoRA imported without --base), so only "
+            "its tensor names and shapes were checked against this base; re-import it with --base to check it"
+        ]
+    return []
 
 
 def _needs_fingerprint(packs: list[SkillPack], force: bool) -> bool:
@@ -97,8 +117,8 @@ def apply_to_checkpoint(
     with Checkpoint(base, allow_pickle) as ckpt:
         shapes = {n: ckpt.shape(n) for n in ckpt.names()}
         fp = fingerprint_checkpoint(ckpt).content if _needs_fingerprint([p for p, _ in packs], force) else None
-        for p, _ in packs:
-            check_fit(p, shapes, fp, force)
+        tok = fingerprint_tokenizer(ckpt.path)
+        notes = [w for p, _ in packs for w in check_fit(p, shapes, fp, force, tok)]
         touched = 0
         names = ckpt.names()
         layout = [(n, ckpt.dtype(n), ckpt.shape(n)) for n in names]
@@ -120,6 +140,7 @@ def apply_to_checkpoint(
         "changed": touched,
         "bytes": writer.total_bytes,
         "skills": [{"name": p.manifest.name, "version": p.manifest.version, "weight": w} for p, w in packs],
+        "warnings": notes,
     }
 
 
@@ -156,7 +177,8 @@ def apply(
     if fp and getattr(model, BACKUP_ATTR, None):
         fp = None  # the model is already patched; its fingerprint was checked by the first apply
     for p, _ in packs:
-        check_fit(p, shapes, fp, force)
+        for note in check_fit(p, shapes, fp, force):
+            warnings.warn(note, SkillgraftWarning, stacklevel=2)
     backup: dict[str, torch.Tensor] = getattr(model, BACKUP_ATTR, None) or {}
     touched = sorted({n for p, _ in packs for n in p.manifest.tensors})
     new_values = {}

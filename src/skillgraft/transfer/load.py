@@ -6,11 +6,13 @@ tokenizers load once each, even when several experts share a small base.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from skillgraft.errors import InputError, NotFoundError
+from skillgraft.transfer.combine import METHODS
 from skillgraft.transfer.fused import ExpertPair, FusedModel, check_modes
 
 
@@ -19,6 +21,7 @@ class ExpertSpec:
     expert: str  # a model directory, or a skill pack / library reference applied to ``base``
     base: str
     alpha: float = 1.0
+    explicit_alpha: bool = False  # given as TUNED:BASE:ALPHA (dlf refuses it: it chooses α itself)
 
     @classmethod
     def parse(cls, text: str) -> ExpertSpec:
@@ -30,10 +33,12 @@ class ExpertSpec:
                 alpha = float(parts[2])
             except ValueError:
                 raise InputError(f"--expert {text!r}: alpha {parts[2]!r} is not a number") from None
+            if not math.isfinite(alpha):
+                raise InputError(f"--expert {text!r}: alpha must be a finite number, not {parts[2]!r}")
             parts = parts[:2]
         if len(parts) != 2 or not all(parts):
             raise InputError(f"--expert {text!r}: expected SMALL_TUNED:SMALL_BASE[:ALPHA]")
-        return cls(parts[0], parts[1], alpha)
+        return cls(parts[0], parts[1], alpha, explicit_alpha=len(text.split(":")) == 3)
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,18 @@ class TransferSpec:
     gate: bool = False  # weight several experts per prompt (combine.prompt_gate)
     parallel: bool = False  # the small models decode in a second process (transfer/parallel.py)
     chat: bool = False  # each model formats every prompt with its own tokenizer's chat template
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown transfer method {self.method!r}", hint=f"use one of {', '.join(METHODS)}")
+        if self.method == "dlf":
+            given = [e for e in self.experts if e.explicit_alpha]
+            if given:
+                raise InputError(
+                    f"--method dlf chooses α at every step, so the α in --expert {given[0].expert}:…:{given[0].alpha:g}"
+                    " would be ignored",
+                    hint="drop :ALPHA from --expert (dlf searches --dlf-grid values in [0, 2]), or use proxy/eft",
+                )
 
 
 class _Loader:
