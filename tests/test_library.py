@@ -292,3 +292,54 @@ def test_concurrent_adds_from_two_processes(tmp_path: Path) -> None:
     conn = sqlite3.connect(root / "index.sqlite")
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
+
+
+def _corrupt(index: Path) -> None:
+    with open(index, "r+b") as f:  # keep SQLite's 100-byte header, overwrite the pages after it
+        f.seek(100)
+        f.write(b"\xff" * 3000)
+
+
+def test_damaged_index_is_reported_and_reindex_rebuilds_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A corrupted index.sqlite: verify and list say so (exit 9, naming the fix); `library reindex` rebuilds
+    it from the journal, keeping names given with --name, versions, extra tags and removals."""
+    root = tmp_path / "lib"
+    a = make_pack(tmp_path / "a.skill", "alpha", tags=("t",))
+    b = make_pack(tmp_path / "b.skill", "beta", seed=1)
+    c = make_pack(tmp_path / "c.skill", "gamma", seed=2)
+    for args in (
+        [a, "--name", "renamed", "--tag", "extra"],
+        [b, "--version", "4"],
+        [c],
+    ):
+        assert main(["-q", "library", "add", *map(str, args), "--library", str(root)]) == 0
+    assert main(["-q", "library", "rm", "gamma", "--library", str(root)]) == 0
+    with Library(root) as lib:
+        before = {r.ref: (r.sha256, r.tags) for r in lib.list()}
+    assert set(before) == {"renamed@1", "beta@4"}
+    _corrupt(root / "index.sqlite")
+    for cmd in ("verify", "list"):
+        rc, _, err = run_cli(["library", cmd, "--library", str(root)], capsys)
+        assert rc == 9 and "error:" in err and "library reindex" in err and "Traceback" not in err, err
+    rc, out, err = run_cli(["library", "reindex", "--library", str(root), "--json"], capsys)
+    assert rc == 0, err
+    report = json.loads(out)
+    assert sorted(report["from_journal"]) == ["beta@4", "renamed@1"] and report["from_blobs"] == []
+    assert Path(report["damaged_index_kept_at"]).is_file()
+    with Library(root) as lib:
+        assert {r.ref: (r.sha256, r.tags) for r in lib.list()} == before
+        assert lib.verify() == []
+
+
+def test_reindex_without_a_journal_uses_the_packs_own_manifests(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "lib"
+    with Library(root) as lib:
+        lib.add(make_pack(tmp_path / "a.skill", "alpha", version=2))
+        lib.add(make_pack(tmp_path / "b.skill", "alpha", version=2, seed=1))  # takes alpha@3
+    (root / "journal.jsonl").unlink()  # a library from before the journal
+    (root / "index.sqlite").unlink()
+    rc, out, err = run_cli(["library", "reindex", "--library", str(root), "--json"], capsys)
+    assert rc == 0, err
+    assert sorted(json.loads(out)["from_blobs"]) == ["alpha@2", "alpha@3"]
+    with Library(root) as lib:
+        assert [r.ref for r in lib.list()] == ["alpha@2", "alpha@3"] and lib.verify() == []

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from skillgraft.cli.main import app, console
+from skillgraft.cli.render import warn
 
 if TYPE_CHECKING:
     from skillgraft.library import Library, SkillRecord
@@ -196,6 +197,35 @@ def verify(library: Path = LIBRARY_OPT, as_json: bool = JSON_OPT) -> None:
         console.print("hint: remove broken entries with `skillgraft library rm REF`, then add the file again")
     if problems:
         raise typer.Exit(1)
+
+
+@library_app.command("reindex")
+def reindex(library: Path = LIBRARY_OPT, as_json: bool = JSON_OPT) -> None:
+    """Rebuild a damaged index from the journal and the stored files (names, versions and tags come back).
+
+    The damaged index is kept beside the new one as index.sqlite.damaged-<time>. Run it while no other
+    skillgraft process uses the library.
+
+    Example: skillgraft library verify || skillgraft library reindex
+    """
+    from skillgraft.cli.render import print_json
+
+    lib = _open(library)
+    if not lib.root.is_dir():
+        from skillgraft.errors import NotFoundError
+
+        raise NotFoundError(f"{lib.root}: no such library", hint="give the library directory with --library")
+    report = lib.reindex()
+    if as_json:
+        print_json(report.to_dict())
+        return
+    console.print(
+        f"index rebuilt: {len(report.from_journal)} version(s) from the journal, "
+        f"{len(report.from_blobs)} from stored files' own manifests"
+        + (f"; the damaged index is kept at {report.kept_old}" if report.kept_old else "")
+    )
+    for line in report.dropped:
+        warn(f"dropped {line}")
 
 
 @library_app.command("search")

@@ -64,6 +64,13 @@ class BlobStore:
                     size += len(chunk)
                 out.flush()
                 os.fsync(out.fileno())
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if Path(source).exists() and not os.access(source, os.R_OK):
+                raise
+            from skillgraft.io.safetensors_file import write_error
+
+            raise write_error(self.root / "library blob", e) from e
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -15,16 +15,30 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from skillgraft.errors import InputError, LibraryError, NotFoundError, OutputExistsError
+from skillgraft.errors import (
+    InputError,
+    LibraryError,
+    NotFoundError,
+    OutputExistsError,
+    SkillgraftError,
+    WriteError,
+)
 from skillgraft.library.blobs import BlobStore, hash_file
 from skillgraft.library.record import Problem, SkillRecord, SkillRef, check_version, parse_ref
 from skillgraft.progress import ProgressFn, no_progress
 
+if TYPE_CHECKING:
+    from skillgraft.library.reindex import ReindexReport
+
 ENV_VAR = "SKILLGRAFT_LIBRARY"
+JOURNAL = "journal.jsonl"  # every add and rm, appended inside its transaction: `library reindex` replays it
+REINDEX = "run `skillgraft library reindex` to rebuild the index from the stored files and the journal"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 60_000
 COLUMNS = "name, version, sha256, size, tags, description, base_name, base_fingerprint, base_structure, created"
+COLUMN_NAMES = tuple(c.strip() for c in COLUMNS.split(","))
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS skills (
     id INTEGER PRIMARY KEY,
@@ -59,6 +73,14 @@ def default_root() -> Path:
 def _record(row: tuple) -> SkillRecord:
     name, version, sha, size, tags, desc, bname, bfp, bstruct, created = row
     return SkillRecord(name, int(version), sha, int(size), tuple(json.loads(tags)), desc, bname, bfp, bstruct, created)
+
+
+def append_journal(root: Path, entry: dict) -> None:
+    """Append one change to the library's journal and fsync it (called inside the index's write transaction)."""
+    with open(root / JOURNAL, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _now() -> str:
@@ -104,7 +126,9 @@ class Library:
             if version < SCHEMA_VERSION:
                 conn.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")  # idempotent: IF NOT EXISTS
         except sqlite3.DatabaseError as e:
-            raise LibraryError(f"{self.root / 'index.sqlite'}: cannot open the library index ({e})") from e
+            raise LibraryError(
+                f"{self.root / 'index.sqlite'}: cannot open the library index ({e})", hint=REINDEX
+            ) from e
         except OSError as e:
             raise LibraryError(f"{self.root}: cannot create the library ({e.strerror})") from e
         return conn
@@ -120,6 +144,16 @@ class Library:
         try:
             yield db
             db.execute("COMMIT")
+        except SkillgraftError:
+            db.execute("ROLLBACK")
+            raise
+        except (sqlite3.OperationalError, OSError) as e:  # disk full while writing the index or the journal
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise WriteError(
+                f"{self.root}: cannot write the library index ({e})",
+                hint="free some space and retry; the library is unchanged",
+            ) from e
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -138,7 +172,10 @@ class Library:
     # -- queries ------------------------------------------------------------------------------------
     def _select(self, where: str = "", args: Iterable = ()) -> builtins.list[SkillRecord]:
         sql = f"SELECT {COLUMNS} FROM skills {where} ORDER BY name, version"
-        return [_record(r) for r in self.db.execute(sql, tuple(args))]
+        try:
+            return [_record(r) for r in self.db.execute(sql, tuple(args))]
+        except sqlite3.DatabaseError as e:
+            raise LibraryError(f"{self.root / 'index.sqlite'}: the library index is damaged ({e})", hint=REINDEX) from e
 
     def list(self, base: str | Path | None = None) -> builtins.list[SkillRecord]:
         """Every stored skill version, by name then version; with ``base``, only those made against that model
@@ -258,6 +295,7 @@ class Library:
                     _now(),
                 )
                 db.execute(f"INSERT INTO skills ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+                append_journal(self.root, {"op": "add", "row": dict(zip(COLUMN_NAMES, values))})
                 for rec in old:
                     self._drop_blob_if_unused(rec.sha256)
         finally:
@@ -297,15 +335,29 @@ class Library:
         with self._write() as db:
             rec = self.get(ref)
             db.execute("DELETE FROM skills WHERE name = ? AND version = ?", (rec.name, rec.version))
+            append_journal(self.root, {"op": "rm", "name": rec.name, "version": rec.version})
             self._drop_blob_if_unused(rec.sha256)
         return rec
+
+    def reindex(self) -> ReindexReport:
+        """Rebuild the SQLite index from the journal and the stored files (see ``library/reindex.py``)."""
+        from skillgraft.library.reindex import rebuild_index
+
+        self.close()
+        self.root.mkdir(parents=True, exist_ok=True)
+        return rebuild_index(self.root, self.blobs.root)
 
     def verify(self, progress: ProgressFn = no_progress) -> builtins.list[Problem]:
         """Re-hash every blob; report missing or modified blobs (one problem per row) and a bad index."""
         problems: builtins.list[Problem] = []
-        check = [msg for (msg,) in self.db.execute("PRAGMA integrity_check")]
+        try:
+            check = [msg for (msg,) in self.db.execute("PRAGMA integrity_check")]
+        except sqlite3.DatabaseError as e:
+            check = [str(e)]
         if check != ["ok"]:
-            problems.append(Problem("index", "", "", self.root / "index.sqlite", "; ".join(check[:3])))
+            detail = "; ".join(check[:3]) + " (run `skillgraft library reindex` to rebuild it)"
+            problems.append(Problem("index", "", "", self.root / "index.sqlite", detail))
+            return problems
         records = self._select()
         digests: dict[str, str | None] = {}
         for i, rec in enumerate(records):
