@@ -93,3 +93,18 @@ def test_demo_end_to_end(quick_bench, tmp_path):
     assert 0 <= learned["mean_normalized"] and "learned (blockwise)" in "\n".join(lines)
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "Learned composition" in html
+
+
+@pytest.mark.slow
+def test_demo_fails_when_a_pack_does_not_lift_its_skill(quick_bench, tmp_path):
+    """Packs extracted at a millionth of the dense delta keep none of the full fine-tunes' skill: the demo
+    must say FAILED and return False (the CLI exits 1), not print a table and pass."""
+    from skillgraft.demo import run_demo
+
+    lines: list[str] = []
+    ok = run_demo(tmp_path / "out", profile="quick", budget=1e-6, cache=quick_bench.root.parent, say=lines.append)
+    text = "\n".join(lines)
+    assert not ok and "FAILED: a pack did not lift its skill" in text, text
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    full = res["experts"]["full-pack"]
+    assert any(full[s][s]["em"] < res["base"][s]["em"] + 0.3 for s in full)

@@ -141,8 +141,22 @@ def test_gpt2_merge_loads_and_generates(tmp_path):
             out=tmp_path / "out",
         ),
     )
-    out = load(tmp_path / "out").generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
-    assert out.shape == (1, 6)
+    merged = load(tmp_path / "out")
+    # linear with two inputs of weight 1: the mean of the fine-tune and the base, tensor by tensor (GPT-2's Conv1D
+    # weights and the tied lm_head included), and the loaded model decodes like one built from that mean
+    want = {k: (a + b) / 2 for (k, a), b in zip(load(ft).state_dict().items(), load(base).state_dict().values())}
+    got = merged.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    ref = build(gpt2_config())
+    ref.load_state_dict(want)
+    prompt = torch.tensor([[1, 2, 3]])
+    out = merged.generate(prompt, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6) and torch.equal(out, ref.eval().generate(prompt, max_new_tokens=3, do_sample=False))
+    assert not torch.equal(
+        got["transformer.h.0.attn.c_attn.weight"], load(base).state_dict()["transformer.h.0.attn.c_attn.weight"]
+    )
 
 
 def test_out_dtype_bf16(family, tmp_path):
