@@ -178,6 +178,7 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
         fp = None
         unchecked: list[str] = []
         notes: list[str] = []
+        tokenizer = fingerprint_tokenizer(base.path)  # read once, not per input
         for ref in refs:
             src = open_source(ref, opts.library, opts.allow_pickle)
             sources.append(src)
@@ -189,7 +190,7 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
                         unchecked.append(src.label)  # names and shapes are still checked below
                     else:
                         fp = fp or fingerprint_checkpoint(base).content
-                notes += check_fit(pack, shapes, fp, opts.force, fingerprint_tokenizer(base.path))
+                notes += check_fit(pack, shapes, fp, opts.force, tokenizer)
         tensors = []
         for name in base.names():
             in_dtype = base.dtype(name)
