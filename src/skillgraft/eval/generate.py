@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 Counter = Callable[[int, int], None]
+BatchHook = Callable[[list[int]], None]  # called with a batch's request indices before its forward passes
 
 
 def _no_count(done: int, total: int) -> None:
@@ -116,9 +117,17 @@ class GenerateParams:
 
 
 def generate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], params: GenerateParams, count: Counter = _no_count
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    params: GenerateParams,
+    count: Counter = _no_count,
+    before_batch: BatchHook | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (KV cache via ``model.generate``), cut at EOS and stop strings.
+
+    ``before_batch`` sees each batch's request indices (in its row order) before the batch runs: routed
+    inference sets each row's skill there (``skillgraft.route.SkillRuntime``).
 
     A :class:`skillgraft.transfer.FusedModel` (large base steered by small experts) decodes with its own loop.
     """
@@ -144,6 +153,8 @@ def generate(
         enc = left_pad([encoded[i] for i in batch], pad, _device(model))
         width = enc["input_ids"].shape[1]
         stopping = _stop_criteria(tokenizer, width, params.stop) if params.stop else None
+        if before_batch is not None:
+            before_batch(batch)
         with torch.no_grad():
             ids = model.generate(
                 input_ids=enc["input_ids"],
@@ -187,9 +198,15 @@ def _accepts(model: Any, name: str) -> bool:
 
 
 def loglikelihood(
-    model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int = 8, count: Counter = _no_count
+    model: Any,
+    tokenizer: Any,
+    requests: Sequence[tuple[str, str]],
+    batch_size: int = 8,
+    count: Counter = _no_count,
+    before_batch: BatchHook | None = None,
 ) -> list[Loglik]:
-    """Score each ``(prompt, target)`` pair in batches: one forward pass over ``prompt + target[:-1]``.
+    """Score each ``(prompt, target)`` pair in batches: one forward pass over ``prompt + target[:-1]``
+    (``before_batch`` as in :func:`generate`).
 
     A FusedModel scores under its fused, renormalised distribution.
     """
@@ -207,6 +224,8 @@ def loglikelihood(
         n_cont = [len(pairs[i][1]) for i in batch]
         enc = left_pad([seqs[i] for i in batch], pad, _device(model))
         kw = {"logits_to_keep": max(n_cont)} if keep else {}
+        if before_batch is not None:
+            before_batch(batch)
         with torch.no_grad():
             logits = model(**enc, use_cache=False, **kw).logits  # [B, K, V], the last K positions
         logp = torch.log_softmax(logits[:, -max(n_cont) :].float(), dim=-1)
