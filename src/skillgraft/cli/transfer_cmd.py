@@ -1,10 +1,12 @@
-"""CLI commands ``generate`` and ``serve``: decode with a large base steered by small expert pairs."""
+"""CLI commands ``generate`` and ``serve``: decode with a large base steered by small expert pairs, or serve the
+skills of a library over one base (``serve --library``, ``route/serve.py``)."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -13,6 +15,10 @@ from skillgraft.cli.main import app, console
 from skillgraft.cli.render import print_json, progress_bar
 from skillgraft.cli.skill_cmd import LIBRARY_OPT
 from skillgraft.errors import FormatError, InputError, NotFoundError
+
+if TYPE_CHECKING:  # heavy imports stay inside the commands, so --help is instant
+    from skillgraft.route.serve import ServeSpec
+    from skillgraft.transfer.load import TransferSpec
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -103,9 +109,11 @@ def generate(
 
 @app.command()
 def serve(
-    base: str = typer.Option(..., "--base", help="The large base model directory."),
-    expert: list[str] = typer.Option(..., "--expert", help="SMALL_TUNED:SMALL_BASE[:ALPHA] (repeatable)."),
-    method: str = typer.Option("proxy", help="proxy | eft | dlf"),
+    base: str = typer.Option(..., "--base", help="The base model directory."),
+    expert: list[str] = typer.Option(
+        [], "--expert", help="SMALL_TUNED:SMALL_BASE[:ALPHA] (repeatable): serve logit transfer instead of skills."
+    ),
+    method: str = typer.Option("proxy", help="With --expert: proxy | eft | dlf"),
     dlf_grid: int = typer.Option(11, "--dlf-grid", help="Candidate α values in [0, 2] per step (dlf)."),
     speculate: int = typer.Option(0, "--speculate", help="Draft tokens per round for greedy requests (0: off)."),
     gate: bool = typer.Option(False, "--gate", help="Weight several experts per prompt by prompt-likelihood gain."),
@@ -118,27 +126,80 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
     library: Path = LIBRARY_OPT,
+    max_batch: int = typer.Option(16, "--max-batch", help="Skill server: most prompts decoded in one batch."),
+    batch_wait_ms: float = typer.Option(
+        10.0, "--batch-wait-ms", help="Skill server: how long a batch waits for more requests to join it."
+    ),
+    queue: int = typer.Option(256, "--queue", help="Skill server: requests waiting beyond this get HTTP 503."),
+    route: str = typer.Option(
+        "arrow", "--route", help="Skill server: the router of model 'auto' (arrow | centroid | classifier)."
+    ),
 ) -> None:
-    """Serve the fused model over HTTP: an OpenAI-style POST /v1/completions (and GET /v1/models).
+    """Serve an OpenAI-compatible API: the skills of a --library over one base, or logit transfer (--expert).
 
-    Example: skillgraft serve --base ./large --expert ./small-math:./small --port 8000
-    then: curl -s localhost:8000/v1/completions -d '{"prompt": "2+2=", "max_tokens": 8}'
+    Skills: skillgraft serve --base ./base --library ./lib --port 8000, then
+    curl -s localhost:8000/v1/completions -d '{"model": "cipher", "prompt": "...", "max_tokens": 8}'
+    (model: base | auto | arrow-token | NAME[@VERSION] | NAME:WEIGHT+NAME:WEIGHT; see docs/serving.md).
+
+    Logit transfer: skillgraft serve --base ./large --expert ./small-math:./small --port 8000
     """
-    from skillgraft.transfer.load import ExpertSpec, TransferSpec, load_fused
-    from skillgraft.transfer.serve import make_server
-
     if not 0 <= port <= 65535:
         raise InputError(f"--port must be 0 to 65535, not {port}")
-    spec = TransferSpec(
-        base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate, gate, parallel, chat
-    )
+    if expert:
+        from skillgraft.transfer.load import ExpertSpec, TransferSpec
+
+        tspec = TransferSpec(
+            base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate, gate, parallel, chat
+        )
+        _serve_transfer(tspec, host, port)
+        return
+    if library is None:
+        raise InputError(
+            "serve needs --library (serve its skills) or --expert (logit transfer)",
+            hint="pass --library DIR, or set $SKILLGRAFT_LIBRARY",
+        )
+    from skillgraft.route.serve import ServeSpec
+
+    spec = ServeSpec(max_batch=max_batch, batch_wait_ms=batch_wait_ms, queue=queue, route=route)
+    _serve_library(Path(base), library, spec, host, port)
+
+
+def _serve_library(base: Path, library: Path, spec: ServeSpec, host: str, port: int) -> None:
+    from skillgraft.route.serve import SkillServer, make_uvicorn
+
+    if not (base / "config.json").is_file():
+        raise NotFoundError(f"{base} is not a model directory (no config.json)")
+    if not library.is_dir():
+        raise NotFoundError(f"{library}: no such library", hint="create it first (mkdir, or `skillgraft library add`)")
+    server = SkillServer.open(base, library, spec)
+    for ref, (_, why) in server.stats["skipped"].items():
+        console.print(f"warning: {ref} is not served: {why}")
+    console.print(f"{len(server.served.keys)} skills from {library}: {', '.join(server.served.keys) or 'none yet'}")
+    try:
+        srv, sock, url = make_uvicorn(server, host, port)
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}", hint="pick another --port") from None
+    console.print(f"serving {base.name} on {url}/v1 (completions, chat/completions, models; Ctrl-C to stop)")
+    try:
+        srv.run(sockets=[sock])  # uvicorn's graceful shutdown on Ctrl-C, then the signal again
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    console.print("stopped")
+
+
+def _serve_transfer(spec: TransferSpec, host: str, port: int) -> None:
+    from skillgraft.transfer.load import load_fused
+    from skillgraft.transfer.serve import make_server
+
     fused = load_fused(spec)
     try:
-        server = make_server(fused, host, port, model_name=f"{Path(base).name}+{method}")
+        server = make_server(fused, host, port, model_name=f"{Path(spec.large).name}+{spec.method}")
     except OSError as e:
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror}", hint="pick another --port") from None
     bound = server.server_address
-    console.print(f"serving {method} on http://{bound[0]!s}:{bound[1]}/v1/completions (Ctrl-C to stop)")
+    console.print(f"serving {spec.method} on http://{bound[0]!s}:{bound[1]}/v1/completions (Ctrl-C to stop)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

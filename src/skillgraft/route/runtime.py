@@ -22,6 +22,7 @@ import torch
 
 from skillgraft.errors import InputError, NotFoundError
 from skillgraft.eval.generate import GenerateParams, Loglik, generate, loglikelihood
+from skillgraft.library.blobs import hash_file
 from skillgraft.route.lora import ModuleFactors, lora_form
 from skillgraft.skill.apply import apply, check_fit, open_skill, unapply
 from skillgraft.skill.fingerprint import model_state
@@ -40,6 +41,7 @@ class LoadedSkill:
     pack: SkillPack
     factors: dict[str, ModuleFactors] | None
     warnings: tuple[str, ...] = ()
+    sha256: str = ""  # the pack file's content hash (what a saved router was built from)
 
     @property
     def lora(self) -> bool:
@@ -48,7 +50,7 @@ class LoadedSkill:
     @property
     def nbytes(self) -> int:
         if self.factors is None:
-            return self.pack.manifest.total_bytes()
+            return self.pack.manifest.total_bytes
         return sum(4 * (f.p.numel() + f.q.numel()) for f in self.factors.values())
 
 
@@ -95,7 +97,7 @@ class SkillRuntime:
         factors = lora_form(pack, self.model)
         if key in self.skills:
             self.unload(key)
-        skill = LoadedSkill(key, pack, factors, tuple(notes))
+        skill = LoadedSkill(key, pack, factors, tuple(notes), hash_file(pack.path)[0])
         self.skills[key] = skill
         if factors is not None:
             self._slot(((key, 1.0),))
@@ -237,6 +239,36 @@ class SkillRuntime:
             yield
         finally:
             self._rows = self._arrow_rows = None
+
+    @contextmanager
+    def swapped(self, mix: Mix) -> Iterator[None]:
+        """Within the block the model's weights carry ``mix`` (hot swap, for dense skills); restored bit for bit
+        after. Rows in the block run without per-row skills (do not nest ``rows()`` inside)."""
+        self.check_mix(mix)
+        if any(k == ARROW for k, _ in mix):
+            raise InputError("arrow-token routing cannot mix with a hot-swapped (dense) skill")
+        apply(self.model, [(self.skills[k].pack, w) for k, w in mix], force=True)
+        try:
+            yield
+        finally:
+            unapply(self.model)
+
+    def is_dense(self, mix: Mix) -> bool:
+        """Whether ``mix`` needs a hot swap (it names a skill that is not LoRA-form)."""
+        self.check_mix(mix)
+        return self._dense(mix)
+
+    @property
+    def mixes(self) -> int:
+        """How many slots (base, each LoRA skill alone, each weighted mix seen) the stacks hold."""
+        return len(self._slots)
+
+    def drop_mixes(self) -> None:
+        """Forget every weighted mix (each LoRA skill alone keeps its slot); stacks are rebuilt on next use.
+        A long-running server calls this so clients naming ever-new weights cannot grow the stacks forever."""
+        keep = [((k, 1.0),) for k in self.lora_keys]
+        self._slots = {(): 0, **{m: i + 1 for i, m in enumerate(keep)}}
+        self._invalidate()
 
     def _set_rows(self, mixes: Sequence[Mix]) -> None:
         self._rows = torch.tensor([0 if mix == ARROW_MIX else self._slot(mix) for mix in mixes], dtype=torch.long)

@@ -1,0 +1,259 @@
+"""Routers: which skill serves a prompt. Arrow (from the LoRA weights alone), centroid and classifier (from the
+base's hidden states on labelled example prompts). Each is built once, saved beside the library, and rebuilt
+when the skills it routes among change.
+
+Features (centroid, classifier): the base's last hidden state (after its final norm), averaged over the prompt's
+tokens, centred on the mean of all example features and scaled to unit length. The base runs without any skill,
+so a router's choice never depends on which skills are loaded.
+
+* ``arrow`` — Ostapenko et al. 2024 ("Towards Modular LLMs by Building and Reusing a Library of LoRAs"): each LoRA
+  module's prototype vᵢ is the top right-singular vector of ΔWᵢ (``ModuleFactors.prototype``). Per prompt, skill i
+  scores the mean over its modules and the prompt's tokens of |⟨vᵢ, x⟩| / ‖x‖ (x: the module's input on the base);
+  the top score wins. No labels. Per token (the paper's own routing) is ``SkillRuntime``'s ``ARROW_MIX``.
+* ``centroid`` — the nearest per-skill mean feature (cosine) of a few example prompts per skill.
+* ``classifier`` — multinomial logistic regression (L2, full-batch L-BFGS) on the same features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from skillgraft.errors import FormatError, InputError
+from skillgraft.eval.generate import encode_prompt, left_pad
+from skillgraft.route.runtime import Mix, SkillRuntime
+
+METHODS = ("arrow", "centroid", "classifier")
+FORMAT = "skillgraft-router/1"
+L2 = 1e-3  # classifier weight decay (on unit-length features)
+
+
+@dataclass
+class Router:
+    """Chooses one of ``keys`` per prompt. ``skills``: key → content hash the router was built from;
+    ``examples``: skill name → prompts (centroid/classifier keep them so a rebuild needs no new input)."""
+
+    method: str
+    keys: list[str]
+    skills: dict[str, str]
+    state: dict[str, torch.Tensor]
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def scores(self, runtime: SkillRuntime, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        """[len(prompts), len(keys)]: higher is a better fit."""
+        if not self.keys:
+            raise InputError("the router has no skills to choose among", hint="add skills, then rebuild it")
+        if self.method == "arrow":
+            return arrow_scores(runtime, self.keys, prompts, batch_size)
+        f = (features(runtime, prompts, batch_size) - self.state["mean"]).float()
+        f = torch.nn.functional.normalize(f, dim=-1)
+        if self.method == "centroid":
+            return f @ self.state["centroids"].T
+        return f @ self.state["weight"].T + self.state["bias"]
+
+    def choose(self, runtime: SkillRuntime, prompts: Sequence[str], batch_size: int = 16) -> list[str]:
+        """The chosen key per prompt."""
+        if not prompts:
+            return []
+        idx = self.scores(runtime, prompts, batch_size).argmax(-1).tolist()
+        return [self.keys[i] for i in idx]
+
+    def route(self, runtime: SkillRuntime, prompts: Sequence[str]) -> list[Mix]:
+        """The chosen skill per prompt as a runtime mix (weight 1)."""
+        return [((k, 1.0),) for k in self.choose(runtime, prompts)]
+
+
+# -- features ---------------------------------------------------------------------------------------------
+def _batches(runtime: SkillRuntime, prompts: Sequence[str], batch_size: int) -> Any:
+    model, tok = runtime.model, runtime.tok
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    enc = [encode_prompt(tok, p) for p in prompts]
+    for i in range(0, len(enc), batch_size):
+        yield i, left_pad(enc[i : i + batch_size], pad, device)
+
+
+@torch.no_grad()
+def features(runtime: SkillRuntime, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """[len(prompts), hidden]: the base's last hidden state averaged over each prompt's tokens."""
+    out = []
+    for _, batch in _batches(runtime, prompts, batch_size):
+        h = runtime.model(**batch, output_hidden_states=True, use_cache=False).hidden_states[-1].float()
+        m = batch["attention_mask"][..., None].float()
+        out.append((h * m).sum(1) / m.sum(1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def arrow_scores(runtime: SkillRuntime, keys: Sequence[str], prompts: Sequence[str], batch_size: int) -> torch.Tensor:
+    """Arrow per prompt: mean |⟨vᵢ, x⟩| / ‖x‖ over skill i's modules and the prompt's tokens, on the base."""
+    protos: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for i, k in enumerate(keys):
+        factors = runtime.skills[k].factors
+        if factors is None:
+            raise InputError(f"skill {k!r} is not LoRA-form, so Arrow cannot route to it", hint="use centroid")
+        for name, f in factors.items():
+            protos.setdefault(name, []).append((i, f.prototype()))
+    modules = dict(runtime.model.named_modules())
+    total = torch.zeros(len(prompts), len(keys))
+    count = torch.zeros(len(keys))
+    for k_i, k in enumerate(keys):
+        count[k_i] = len(runtime.skills[k].factors or {})
+    cur: dict[str, torch.Tensor] = {}  # this batch's mask [B, T] and score sums [B, len(keys)]
+
+    def hook(name: str) -> Any:
+        idx = torch.tensor([i for i, _ in protos[name]])
+        v = torch.stack([p for _, p in protos[name]])  # [n_here, in]
+
+        def fn(module: Any, args: tuple, output: Any) -> None:
+            x, mask = args[0].float(), cur["mask"]
+            s = (x @ v.T).abs() / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [B, T, n_here]
+            cur["acc"][:, idx] += (s * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in protos]
+    try:
+        for start, batch in _batches(runtime, prompts, batch_size):
+            mask = cur["mask"] = batch["attention_mask"].float()
+            cur["acc"] = torch.zeros(mask.shape[0], len(keys))
+            runtime.model(**batch, use_cache=False)
+            total[start : start + mask.shape[0]] = cur["acc"] / count.clamp_min(1)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+# -- building ---------------------------------------------------------------------------------------------
+def build_router(
+    method: str,
+    runtime: SkillRuntime,
+    skills: dict[str, str],
+    examples: dict[str, list[str]] | None = None,
+    name_of: dict[str, str] | None = None,
+) -> Router:
+    """Build a router over ``skills`` (key → content hash; keys loaded in ``runtime`` for Arrow).
+
+    ``examples`` maps a skill *name* (``name_of[key]``, default the key before ``@``) to labelled prompts.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown router {method!r}", hint=f"use one of {', '.join(METHODS)}")
+    keys = sorted(skills)
+    if not keys:
+        raise InputError("no skills to route among", hint="add skills that fit this base to the library")
+    if method == "arrow":
+        for k in keys:
+            if k not in runtime.skills or not runtime.skills[k].lora:
+                raise InputError(f"Arrow routes among LoRA-form skills; {k!r} is not one", hint="use centroid")
+        return Router(method, keys, dict(skills), {})
+    names = name_of or {k: k.split("@")[0] for k in keys}
+    examples = examples or {}
+    missing = [k for k in keys if not examples.get(names[k])]
+    if missing:
+        raise InputError(
+            f"the {method} router needs example prompts for {', '.join(names[k] for k in missing)}",
+            hint=f"pass --examples {names[missing[0]]}=PROMPTS.jsonl (a 'prompt' per line) for each skill",
+        )
+    kept = {names[k]: list(examples[names[k]]) for k in keys}
+    feats = [features(runtime, kept[names[k]]) for k in keys]
+    mean = torch.cat(feats).mean(0)
+    unit = [torch.nn.functional.normalize(f - mean, dim=-1) for f in feats]
+    if method == "centroid":
+        cent = torch.nn.functional.normalize(torch.stack([u.mean(0) for u in unit]), dim=-1)
+        state = {"mean": mean, "centroids": cent}
+    else:
+        x = torch.cat(unit)
+        y = torch.cat([torch.full((len(u),), i) for i, u in enumerate(unit)])
+        state = {"mean": mean, **_logistic(x, y, len(keys))}
+    return Router(method, keys, dict(skills), state, kept)
+
+
+def _logistic(x: torch.Tensor, y: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    w = torch.zeros(n, x.shape[1], requires_grad=True)
+    b = torch.zeros(n, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w.T + b, y) + L2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return {"weight": w.detach(), "bias": b.detach()}
+
+
+# -- beside the library -----------------------------------------------------------------------------------
+def router_dir(library_root: Path) -> Path:
+    return Path(library_root) / "routers"
+
+
+def save_router(router: Router, library_root: Path) -> Path:
+    """Write ``routers/<method>.json`` + ``.safetensors`` atomically (temp files renamed into place)."""
+    d = router_dir(library_root)
+    d.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "method": router.method,
+        "keys": router.keys,
+        "skills": router.skills,
+        "examples": router.examples,
+    }
+    for suffix, write in (
+        (".safetensors", lambda p: save_file({k: v.contiguous() for k, v in router.state.items()}, p)),
+        (".json", lambda p: Path(p).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")),
+    ):
+        fd, tmp = tempfile.mkstemp(prefix=f".{router.method}.", suffix=suffix, dir=d)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, d / f"{router.method}{suffix}")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return d / f"{router.method}.json"
+
+
+def read_router(library_root: Path, method: str) -> Router | None:
+    """The saved router, or None when there is none."""
+    d = router_dir(library_root)
+    meta_path, state_path = d / f"{method}.json", d / f"{method}.safetensors"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT or meta.get("method") != method:
+            raise ValueError("format")
+        state = load_file(str(state_path)) if state_path.exists() else {}
+        return Router(method, list(meta["keys"]), dict(meta["skills"]), state, dict(meta.get("examples", {})))
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise FormatError(
+            f"{meta_path}: not a readable {FORMAT} router ({e})",
+            hint=f"rebuild it: skillgraft route build --method {method} …",
+        ) from None
+
+
+def load_router(library_root: Path, runtime: SkillRuntime, method: str, skills: dict[str, str] | None = None) -> Router:
+    """The saved router when it was built from exactly ``skills`` (key → sha256; default: every skill loaded in
+    ``runtime`` with its pack's content hash as ``LoadedSkill.sha256``), else rebuilt from the saved examples
+    (and saved again). A skill added since needs example prompts for centroid/classifier (an error says so)."""
+    if method not in METHODS:
+        raise InputError(f"unknown router {method!r}", hint=f"use one of {', '.join(METHODS)}")
+    if skills is None:
+        skills = {k: s.sha256 for k, s in runtime.skills.items() if method != "arrow" or s.lora}
+    saved = read_router(library_root, method)
+    if saved is not None and saved.skills == skills:
+        return saved
+    router = build_router(method, runtime, skills, saved.examples if saved else None)
+    save_router(router, library_root)
+    return router
