@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -41,6 +42,15 @@ def eval_(
         False, "--chat", help="With --expert: each model formats prompts with its own tokenizer's chat template."
     ),
     library: Path = LIBRARY_OPT,
+    route: str = typer.Option(
+        None,
+        "--route",
+        help="Route each prompt to one --library skill: arrow | centroid | classifier | arrow-token (per token). "
+        "With --expert: route among the experts (arrow | centroid | classifier).",
+    ),
+    examples: list[str] = typer.Option(
+        [], "--examples", help="NAME=PROMPTS.jsonl: labelled prompts of a skill or expert for centroid/classifier."
+    ),
     samples: bool = typer.Option(False, "--samples", help="With --json: include every example's prediction."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
@@ -49,6 +59,10 @@ def eval_(
     A JSONL task has one {"prompt", "target", "choices"?} object a line.
 
     With --expert, MODEL is a large base steered by small (expert, base) pairs, as in `skillgraft generate`.
+
+    With --library and --route, every library skill made for MODEL is held at once and each prompt runs with the
+    skill its router picks (the router is saved in the library and rebuilt when its skills change):
+    skillgraft eval ./base --library ./lib --route arrow --tasks mixed.jsonl
 
     Example: skillgraft eval ./llama-base --skill math.skill --tasks gsm8k:100 --tasks my_task.jsonl --json
     """
@@ -68,6 +82,22 @@ def eval_(
         force=force,
     )
     transfer = None
+    if examples and not route:
+        raise InputError("--examples label prompts for a router", hint="add --route centroid (or classifier)")
+    if route and not expert:
+        from skillgraft.eval.harness import evaluate_routed
+        from skillgraft.route.routed import read_examples
+
+        if skill:
+            raise InputError("--skill and --route cannot be combined", hint="the router chooses the skills")
+        with progress_bar() as progress:
+            res, routing = evaluate_routed(spec, route, read_examples(examples) or None, progress)
+        if as_json:
+            print_json({**res.to_dict(samples=samples), "routing": routing})
+            return
+        _table(res)
+        console.print(f"routed: {routing['chosen']}")
+        return
     if (chat or parallel) and not expert:
         raise InputError("--chat and --parallel apply to transfer only", hint="add --expert SMALL_TUNED:SMALL_BASE")
     if expert:
@@ -75,14 +105,27 @@ def eval_(
 
         if skill:
             raise InputError("--skill and --expert cannot be combined", hint="apply the skill to the small expert")
+        from skillgraft.route.routed import read_examples
+
         transfer = TransferSpec(
-            model, tuple(ExpertSpec.parse(e) for e in expert), method, library=library, parallel=parallel, chat=chat
+            model,
+            tuple(ExpertSpec.parse(e) for e in expert),
+            method,
+            library=library,
+            parallel=parallel,
+            chat=chat,
+            route=route,
+            examples=tuple((k, tuple(v)) for k, v in read_examples(examples).items()),
         )
     with progress_bar() as progress:
         res = evaluate_fused(spec, transfer, progress) if transfer else evaluate(spec, progress)
     if as_json:
         print_json(res.to_dict(samples=samples))
         return
+    _table(res)
+
+
+def _table(res: Any) -> None:
     skills = " + ".join(f"{r}×{w:g}" for r, w in res.skills)
     table = Table(title=f"{res.model}{' + ' + skills if skills else ''}")
     for col in ("task", "n", "exact match", "MC acc", "MC acc (norm)", "mean loglik", "loglik/token", "seconds"):

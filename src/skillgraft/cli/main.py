@@ -56,6 +56,7 @@ def _register() -> None:
         lora_cmd,
         merge_cmd,
         report_cmd,
+        route_cmd,
         skill_cmd,
         study_cmd,
         transfer_cmd,

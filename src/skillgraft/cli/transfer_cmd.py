@@ -3,7 +3,6 @@ skills of a library over one base (``serve --library``, ``route/serve.py``)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +13,7 @@ from rich.table import Table
 from skillgraft.cli.main import app, console
 from skillgraft.cli.render import print_json, progress_bar
 from skillgraft.cli.skill_cmd import LIBRARY_OPT
-from skillgraft.errors import FormatError, InputError, NotFoundError
+from skillgraft.errors import InputError, NotFoundError
 
 if TYPE_CHECKING:  # heavy imports stay inside the commands, so --help is instant
     from skillgraft.route.serve import ServeSpec
@@ -22,24 +21,17 @@ if TYPE_CHECKING:  # heavy imports stay inside the commands, so --help is instan
 
 
 def read_prompts(path: Path) -> list[str]:
-    if not path.exists():
-        raise NotFoundError(f"{path}: no such prompts file")
-    prompts = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            prompts.append(str(row["prompt"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise FormatError(f"{path}:{i + 1}: expected a JSON object with a 'prompt' key") from None
-    return prompts
+    from skillgraft.route.routed import read_prompt_file
+
+    return read_prompt_file(path)
 
 
 @app.command()
 def generate(
-    base: str = typer.Option(..., "--base", help="The large base model directory."),
-    expert: list[str] = typer.Option(..., "--expert", help="SMALL_TUNED:SMALL_BASE[:ALPHA] (repeatable)."),
+    base: str = typer.Option(..., "--base", help="The (large) base model directory."),
+    expert: list[str] = typer.Option(
+        [], "--expert", help="SMALL_TUNED:SMALL_BASE[:ALPHA] (repeatable); without it, --library + --route."
+    ),
     prompts: Path = typer.Option(..., "--prompts", help="JSONL with a 'prompt' per line."),
     method: str = typer.Option("proxy", help="proxy | eft | dlf"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
@@ -61,20 +53,54 @@ def generate(
         False, "--chat", help="Each model formats every prompt with its own tokenizer's chat template."
     ),
     library: Path = LIBRARY_OPT,
+    route: str = typer.Option(
+        None,
+        "--route",
+        help="Per prompt, one --library skill (arrow | centroid | classifier | arrow-token), or with --expert one "
+        "expert (arrow | centroid | classifier).",
+    ),
+    examples: list[str] = typer.Option(
+        [], "--examples", help="NAME=PROMPTS.jsonl: labelled prompts of a skill or expert for centroid/classifier."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
-    """Generate with a large base steered by small (expert, base) pairs — proxy tuning, EFT or DLF.
+    """Generate with a large base steered by small (expert, base) pairs — proxy tuning, EFT or DLF — or with
+    the base's library skills routed per prompt (--library + --route, no --expert).
 
     Example: skillgraft generate --base ./large --expert ./small-math:./small --method dlf --prompts q.jsonl
     --parallel
+
+    Routed: skillgraft generate --base ./base --library ./lib --route arrow --prompts q.jsonl --json
     """
+    from skillgraft.route.routed import read_examples
     from skillgraft.transfer.fused import GenerationSpec
     from skillgraft.transfer.load import ExpertSpec, TransferSpec, load_fused
 
     if speculate and temperature != 0:
         raise InputError("--speculate is greedy only", hint="drop --speculate or use --temperature 0")
+    labelled = read_examples(examples)
+    if not expert:
+        if route is None:
+            raise InputError(
+                "generate needs --expert (logit transfer) or --library with --route (routed skills)",
+                hint="e.g. --library ./lib --route arrow",
+            )
+        _generate_routed(
+            base, library, route, labelled, read_prompts(prompts), max_new_tokens, stop, batch_size, as_json
+        )
+        return
     spec = TransferSpec(
-        base, tuple(ExpertSpec.parse(e) for e in expert), method, dlf_grid, library, speculate, gate, parallel, chat
+        base,
+        tuple(ExpertSpec.parse(e) for e in expert),
+        method,
+        dlf_grid,
+        library,
+        speculate,
+        gate,
+        parallel,
+        chat,
+        route,
+        tuple((k, tuple(v)) for k, v in labelled.items()),
     )
     gen = GenerationSpec(max_new_tokens, temperature, top_p, top_k, tuple(stop), seed)
     texts = read_prompts(prompts)
@@ -104,6 +130,49 @@ def generate(
     table.add_column("output")
     for p, o in zip(texts, outputs):
         table.add_row(p, o)
+    console.print(table)
+
+
+def _generate_routed(
+    base: str,
+    library: Path | None,
+    route: str,
+    examples: dict[str, list[str]],
+    texts: list[str],
+    max_new_tokens: int,
+    stop: list[str],
+    batch_size: int,
+    as_json: bool,
+) -> None:
+    """Greedy decoding with each prompt's routed skill (``route.routed``)."""
+    from skillgraft.route.routed import open_routed
+
+    if library is None:
+        raise InputError("--route without --expert routes among a library's skills", hint="pass --library DIR")
+    model = open_routed(base, library, route, examples=examples or None)
+    start = time.perf_counter()
+    outputs: list[str] = []
+    with progress_bar() as progress:
+        for i in range(0, len(texts), batch_size):
+            progress("generate", i, len(texts))
+            outputs += model.harness_generate(texts[i : i + batch_size], max_new_tokens, tuple(stop), batch_size)
+        progress("generate", len(texts), len(texts))
+    seconds = time.perf_counter() - start
+    skills = [model.choice(p) for p in texts]
+    if as_json:
+        print_json(
+            {
+                "route": route,
+                "seconds": seconds,
+                "results": [{"prompt": p, "skill": k, "output": o} for p, k, o in zip(texts, skills, outputs)],
+            }
+        )
+        return
+    table = Table(title=f"routed ({route}): {len(texts)} prompts in {seconds:.1f} s")
+    for col in ("prompt", "skill", "output"):
+        table.add_column(col)
+    for row in zip(texts, skills, outputs):
+        table.add_row(*row)
     console.print(table)
 
 

@@ -227,3 +227,20 @@ def evaluate_fused(spec: EvalSpec, transfer: Any, progress: ProgressFn = no_prog
     with load_fused(transfer) as fused:
         results = _evaluate_loaded(fused, fused.tok, tasks, spec, progress)
     return EvalResult(f"{spec.model} ({transfer.method})", spec.skills, tuple(results), time.perf_counter() - t0)
+
+
+def evaluate_routed(
+    spec: EvalSpec, route: str, examples: dict[str, list[str]] | None = None, progress: ProgressFn = no_progress
+) -> tuple[EvalResult, dict[str, Any]]:
+    """Score the base with its library's skills routed per prompt (``route.routed``), on the same tasks and
+    metrics as :func:`evaluate`; also returns how many prompts each skill got."""
+    from skillgraft.route.routed import describe, open_routed
+
+    if spec.library is None:
+        raise InputError("routed evaluation needs --library", hint="pass --library DIR (or set $SKILLGRAFT_LIBRARY)")
+    t0 = time.perf_counter()
+    tasks = resolve_tasks(spec.tasks)
+    routed = open_routed(spec.model, spec.library, route, examples=examples)
+    results = _evaluate_loaded(routed, routed.tok, tasks, spec, progress)
+    res = EvalResult(f"{spec.model} (routed: {route})", (), tuple(results), time.perf_counter() - t0)
+    return res, describe(routed)

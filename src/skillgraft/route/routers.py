@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ class Router:
     skills: dict[str, str]
     state: dict[str, torch.Tensor]
     examples: dict[str, list[str]] = field(default_factory=dict)
+    base: str = ""  # the content fingerprint of the base whose hidden states (or LoRA inputs) it scores
 
     def scores(self, runtime: SkillRuntime, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
         """[len(prompts), len(keys)]: higher is a better fit."""
@@ -69,6 +70,20 @@ class Router:
     def route(self, runtime: SkillRuntime, prompts: Sequence[str]) -> list[Mix]:
         """The chosen skill per prompt as a runtime mix (weight 1)."""
         return [((k, 1.0),) for k in self.choose(runtime, prompts)]
+
+    def gate(self, runtime: SkillRuntime, order: Sequence[str]) -> Callable[[Sequence[str]], torch.Tensor]:
+        """A prompt gate for multi-expert logit transfer (``FusedModel(router=...)``): prompts → one-hot
+        [len(prompts), len(order)] on the chosen key's position in ``order`` (the experts' order)."""
+        missing = [k for k in self.keys if k not in order]
+        if missing:
+            raise InputError(f"the router chooses {missing[0]!r}, which is not among the experts {list(order)}")
+        pos = torch.tensor([list(order).index(k) for k in self.keys])
+
+        def fn(prompts: Sequence[str]) -> torch.Tensor:
+            idx = pos[self.scores(runtime, prompts).argmax(-1)]
+            return torch.nn.functional.one_hot(idx, len(order)).float()
+
+        return fn
 
 
 # -- features ---------------------------------------------------------------------------------------------
@@ -140,6 +155,7 @@ def build_router(
     skills: dict[str, str],
     examples: dict[str, list[str]] | None = None,
     name_of: dict[str, str] | None = None,
+    base: str = "",
 ) -> Router:
     """Build a router over ``skills`` (key → content hash; keys loaded in ``runtime`` for Arrow).
 
@@ -154,7 +170,7 @@ def build_router(
         for k in keys:
             if k not in runtime.skills or not runtime.skills[k].lora:
                 raise InputError(f"Arrow routes among LoRA-form skills; {k!r} is not one", hint="use centroid")
-        return Router(method, keys, dict(skills), {})
+        return Router(method, keys, dict(skills), {}, base=base)
     names = name_of or {k: k.split("@")[0] for k in keys}
     examples = examples or {}
     missing = [k for k in keys if not examples.get(names[k])]
@@ -163,7 +179,7 @@ def build_router(
             f"the {method} router needs example prompts for {', '.join(names[k] for k in missing)}",
             hint=f"pass --examples {names[missing[0]]}=PROMPTS.jsonl (a 'prompt' per line) for each skill",
         )
-    kept = {names[k]: list(examples[names[k]]) for k in keys}
+    kept = {n: list(v) for n, v in examples.items()}  # all kept: a skill removed and added back needs none
     feats = [features(runtime, kept[names[k]]) for k in keys]
     mean = torch.cat(feats).mean(0)
     unit = [torch.nn.functional.normalize(f - mean, dim=-1) for f in feats]
@@ -174,7 +190,7 @@ def build_router(
         x = torch.cat(unit)
         y = torch.cat([torch.full((len(u),), i) for i, u in enumerate(unit)])
         state = {"mean": mean, **_logistic(x, y, len(keys))}
-    return Router(method, keys, dict(skills), state, kept)
+    return Router(method, keys, dict(skills), state, kept, base)
 
 
 def _logistic(x: torch.Tensor, y: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
@@ -209,6 +225,7 @@ def save_router(router: Router, library_root: Path) -> Path:
         "keys": router.keys,
         "skills": router.skills,
         "examples": router.examples,
+        "base": router.base,
     }
     for suffix, write in (
         (".safetensors", lambda p: save_file({k: v.contiguous() for k, v in router.state.items()}, p)),
@@ -235,7 +252,9 @@ def read_router(library_root: Path, method: str) -> Router | None:
         if meta.get("format") != FORMAT or meta.get("method") != method:
             raise ValueError("format")
         state = load_file(str(state_path)) if state_path.exists() else {}
-        return Router(method, list(meta["keys"]), dict(meta["skills"]), state, dict(meta.get("examples", {})))
+        return Router(
+            method, list(meta["keys"]), dict(meta["skills"]), state, dict(meta["examples"]), str(meta["base"])
+        )
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise FormatError(
             f"{meta_path}: not a readable {FORMAT} router ({e})",
@@ -243,17 +262,26 @@ def read_router(library_root: Path, method: str) -> Router | None:
         ) from None
 
 
-def load_router(library_root: Path, runtime: SkillRuntime, method: str, skills: dict[str, str] | None = None) -> Router:
+def load_router(
+    library_root: Path,
+    runtime: SkillRuntime,
+    method: str,
+    skills: dict[str, str] | None = None,
+    base: str = "",
+    examples: dict[str, list[str]] | None = None,
+) -> Router:
     """The saved router when it was built from exactly ``skills`` (key → sha256; default: every skill loaded in
-    ``runtime`` with its pack's content hash as ``LoadedSkill.sha256``), else rebuilt from the saved examples
-    (and saved again). A skill added since needs example prompts for centroid/classifier (an error says so)."""
+    ``runtime`` with its pack's content hash as ``LoadedSkill.sha256``) on ``base`` (a fingerprint), else rebuilt
+    from the saved examples updated by ``examples`` (and saved again). A skill added since needs example prompts
+    for centroid/classifier (an error says so)."""
     if method not in METHODS:
         raise InputError(f"unknown router {method!r}", hint=f"use one of {', '.join(METHODS)}")
     if skills is None:
         skills = {k: s.sha256 for k, s in runtime.skills.items() if method != "arrow" or s.lora}
     saved = read_router(library_root, method)
-    if saved is not None and saved.skills == skills:
+    if saved is not None and saved.skills == skills and saved.base == base and not examples:
         return saved
-    router = build_router(method, runtime, skills, saved.examples if saved else None)
+    merged = {**(saved.examples if saved else {}), **(examples or {})}
+    router = build_router(method, runtime, skills, merged, base=base)
     save_router(router, library_root)
     return router

@@ -344,7 +344,7 @@ class SkillServer:
     def _load_router(self, runtime: SkillRuntime, shas: dict[str, str]) -> Any:
         from skillgraft.route.routers import load_router
 
-        return load_router(self.root, runtime, self.spec.route, skills=shas)
+        return load_router(self.root, runtime, self.spec.route, skills=shas, base=self.fingerprint)
 
     def _route(self, prompts: list[str]) -> list[Mix]:
         if self._router is None:

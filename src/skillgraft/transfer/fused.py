@@ -8,6 +8,7 @@ chosen for all. ``loglik`` scores targets under the fused distribution with teac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,6 +137,7 @@ class FusedModel:
         parallel: bool = False,
         chat: bool = False,
         model_tokenizers: dict[int, Any] | None = None,
+        router: Callable[[list[str]], torch.Tensor] | None = None,
     ) -> None:
         if method not in METHODS:
             raise InputError(f"unknown transfer method {method!r}", hint=f"use one of {', '.join(METHODS)}")
@@ -146,6 +148,8 @@ class FusedModel:
         if speculate and not experts:
             raise InputError("speculative decoding needs at least one expert to draft", hint="drop --speculate")
         check_modes(speculate, gate, parallel, chat)
+        if router is not None and gate:
+            raise InputError("the prompt gate and a router both choose experts", hint="drop --gate or --route")
         # Chat: each model formats the prompt with its own tokenizer's chat template (``model_tokenizers``: id of
         # a model -> its tokenizer; models not in it use ``tokenizer``); the generated tokens are shared.
         self.chat = bool(chat)
@@ -158,6 +162,9 @@ class FusedModel:
         # base (combine.prompt_gate); opt-in (see docs/transfer.md for when it identifies the task).
         self.gate = bool(gate)
         self._gate: torch.Tensor | None = None  # [batch, n_experts] for the batch being decoded
+        # A router (``route.routers.Router.gate``): prompts -> one-hot [batch, n_experts], the chosen expert per
+        # prompt, used as the gate.
+        self.router = router
         self.large, self.tok, self.experts, self.method = large, tokenizer, experts, method
         named = [("large", tokenizer), *((k, v) for k, v in (tokenizers or {}).items())]
         self.vocab = check_shared_vocab(named)
@@ -233,7 +240,7 @@ class FusedModel:
         else:
             rows = [[p.alpha_at(int(s)) for p in self.experts] for s in step]
             alphas = torch.tensor(rows, dtype=torch.float32).reshape(zl.shape[0], -1)
-        gate = self._gate if self.gate else None
+        gate = self._gate if self.gate or self.router is not None else None
         if gate is not None and gate.shape[0] != zl.shape[0]:  # loglik scores one prompt's target positions
             gate = gate.expand(zl.shape[0], -1)
         scores, used = combine(self.method, zl, ze, zb, alphas, self.grid, gate)
@@ -260,6 +267,8 @@ class FusedModel:
         ids, mask = enc[id(self.large)]  # (without chat, every model's)
         streams = {id(m): _stream(m, enc[id(m)][1]) for m in models}
         small_ids = [id(m) for m in remote]
+        if self.router is not None:
+            self._gate = self.router(prompts)
         if self.gate:  # the small models' prefill keeps every position's logits for the gate
             full = {id(m): _forward(streams[id(m)], ids, every=True) for m in self._small_models()}
             self._gate = self._prompt_gate(ids, mask, full)
@@ -354,6 +363,8 @@ class FusedModel:
                 self._gate = self._prompt_gate(
                     prompt_ids, torch.ones_like(prompt_ids), {k: v[:, : len(p_ids)] for k, v in full.items()}
                 )
+            if self.router is not None:
+                self._gate = self.router([prompt])
             scores = self._scores(per_model, 0)
             lp = torch.log_softmax(scores, -1)
             tgt = torch.tensor(t_ids)

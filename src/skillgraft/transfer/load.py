@@ -52,10 +52,23 @@ class TransferSpec:
     gate: bool = False  # weight several experts per prompt (combine.prompt_gate)
     parallel: bool = False  # the small models decode in a second process (transfer/parallel.py)
     chat: bool = False  # each model formats every prompt with its own tokenizer's chat template
+    route: str | None = None  # a router (route.routers) picks one expert per prompt: arrow | centroid | classifier
+    examples: tuple[
+        tuple[str, tuple[str, ...]], ...
+    ] = ()  # (expert name, its labelled prompts) for centroid/classifier
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"unknown transfer method {self.method!r}", hint=f"use one of {', '.join(METHODS)}")
+        if self.route is not None:
+            from skillgraft.route.routers import METHODS as ROUTERS
+
+            if self.route not in ROUTERS:
+                raise InputError(f"unknown router {self.route!r} for experts", hint=f"use one of {', '.join(ROUTERS)}")
+            if self.gate:
+                raise InputError("the prompt gate and a router both choose experts", hint="drop --gate or --route")
+        elif self.examples:
+            raise InputError("--examples label prompts for a router", hint="add --route centroid (or classifier)")
         if self.method == "dlf":
             given = [e for e in self.experts if e.explicit_alpha]
             if given:
@@ -129,6 +142,7 @@ def load_fused(spec: TransferSpec) -> FusedModel:
         pairs.append(ExpertPair(expert, base, e.alpha, label=e.expert))
         toks[f"expert {i + 1} ({e.expert})"] = own.setdefault(id(expert), ld.tokenizer(tok_dir))
         toks[f"expert base {i + 1} ({e.base})"] = own.setdefault(id(base), ld.tokenizer(e.base))
+    router = _expert_router(spec, ld, large) if spec.route else None
     return FusedModel(
         large,
         ld.tokenizer(spec.large),
@@ -141,4 +155,47 @@ def load_fused(spec: TransferSpec) -> FusedModel:
         parallel=spec.parallel,
         chat=spec.chat,
         model_tokenizers=own,
+        router=router,
     )
+
+
+def expert_key(e: ExpertSpec) -> str:
+    """How a router names an expert: a model directory's name, a library reference as given, a pack's stem."""
+    p = Path(e.expert)
+    return p.name if p.is_dir() else (p.stem if p.suffix == ".skill" else e.expert)
+
+
+def _expert_router(spec: TransferSpec, ld: _Loader, large: Any) -> Any:
+    """The experts' router as a FusedModel gate. Centroid/classifier score the large base's hidden states on
+    labelled prompts (``spec.examples``, else the examples saved with the library's router of that method);
+    Arrow scores the small base's module inputs against each LoRA-form skill expert's prototypes."""
+    from skillgraft.route.routers import METHODS as ROUTERS
+    from skillgraft.route.routers import build_router, read_router
+    from skillgraft.route.runtime import SkillRuntime
+
+    if spec.route not in ROUTERS:
+        raise InputError(f"unknown router {spec.route!r}", hint=f"use one of {', '.join(ROUTERS)}")
+    keys = [expert_key(e) for e in spec.experts]
+    if len(set(keys)) != len(keys):
+        raise InputError(f"two experts share the name {keys!r}; a router needs them told apart")
+    if spec.route == "arrow":
+        bases = {e.base for e in spec.experts}
+        if len(bases) != 1 or any(Path(e.expert).is_dir() for e in spec.experts):
+            raise InputError(
+                "--route arrow needs every expert to be a LoRA skill of one small base (SKILL:SMALL_BASE)",
+                hint="use --route centroid with --examples NAME=PROMPTS.jsonl",
+            )
+        (small,) = bases
+        rt = SkillRuntime(ld.model(small), ld.tokenizer(small))
+        for e, k in zip(spec.experts, keys):
+            rt.load(e.expert, key=k, library=ld.library)
+        router = build_router("arrow", rt, {k: rt.skills[k].sha256 for k in keys})
+    else:
+        examples = {name: list(prompts) for name, prompts in spec.examples}
+        if not examples and ld.library is not None:
+            saved = read_router(ld.library, spec.route)
+            examples = saved.examples if saved else {}
+        rt = SkillRuntime(large, ld.tokenizer(spec.large))
+        names = {k: k.split("@")[0] for k in keys}
+        router = build_router(spec.route, rt, dict.fromkeys(keys, ""), examples, name_of=names)
+    return router.gate(rt, keys)
