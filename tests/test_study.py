@@ -80,6 +80,31 @@ def test_transfer_study_gap_definitions_and_lift(quick_bench):
     assert res["transfer_speed"]["large_tokens_per_s"] > 0
 
 
+def test_route_study_routes_mixed_prompts_and_transfer(quick_bench):
+    """Routing accuracy is what the confusion counts say; the oracle row is each expert alone (100% normalized);
+    the classifier routes most mixed prompts right, and routing beats the merges and all-experts transfer."""
+    from skillgraft.eval.report import render_html
+    from skillgraft.study.route import RouteStudySpec, run_route_study
+
+    spec = RouteStudySpec(cache=quick_bench.root.parent, limit=20, routers=("arrow", "classifier"), arrow_token=False)
+    res = run_route_study(spec)
+    route, skills = res["route"], res["skills"]
+    assert route["settings"]["mixed_prompts"] == 20 * len(skills)
+    for r in route["routing"]:
+        right = sum(r["confusion"][s][s] for s in skills)
+        assert r["accuracy"] == pytest.approx(right / (20 * len(skills)))
+        assert all(sum(r["confusion"][s].values()) == 20 for s in skills)
+    rows = {r["method"]: r for r in route["end_to_end"]}
+    assert rows["experts (oracle routing)"]["mean_normalized"] == pytest.approx(1.0)
+    classifier = next(r for r in route["routing"] if r["router"] == "classifier")
+    assert classifier["accuracy"] >= 0.8  # 96.7% measured (limit 30)
+    routed = rows["routed:classifier"]["mean_normalized"]
+    assert routed >= 0.7 and routed > rows["merge:task_arithmetic (λ 1)"]["mean_normalized"] + 0.3
+    gap = {r["method"]: r["gap_closed"] for r in res["transfer"]}
+    assert gap["proxy+route:oracle"] > gap["proxy"] + 0.3 and gap["proxy+route:classifier"] > gap["proxy"]
+    assert "Routing" in render_html(res)
+
+
 def test_demo_end_to_end(quick_bench, tmp_path):
     from skillgraft.demo import run_demo
 

@@ -13,7 +13,7 @@ from skillgraft.cli.render import info, progress_bar
 from skillgraft.cli.skill_cmd import _command_line, parse_fraction
 
 study_app = typer.Typer(
-    help="Measure merges, compression, negation and cross-scale transfer on SkillBench.", no_args_is_help=True
+    help="Measure merges, compression, negation, cross-scale transfer and routing on SkillBench.", no_args_is_help=True
 )
 app.add_typer(study_app, name="study")
 
@@ -174,4 +174,48 @@ def transfer_study(
     )
     with progress_bar() as progress:
         results = run_transfer_study(spec, progress)
+    _finish(results, out, report)
+
+
+@study_app.command("route")
+def route_study(
+    profile: str = PROFILE,
+    cache: Path = CACHE,
+    skill: list[str] = SKILLS,
+    router: list[str] = typer.Option([], "--router", help="arrow, centroid, classifier (repeatable; default: all)."),
+    arrow_token: bool = typer.Option(True, "--arrow-token/--no-arrow-token", help="Also Arrow routing per token."),
+    centroid_examples: int = typer.Option(8, "--centroid-examples", help="Labelled training prompts per skill."),
+    classifier_examples: int = typer.Option(64, "--classifier-examples", help="Labelled training prompts per skill."),
+    limit: int = typer.Option(50, help="Test examples per skill in the mixed set."),
+    transfer: bool = typer.Option(
+        True, "--transfer/--no-transfer", help="Also routed multi-skill logit transfer (profiles with a large base)."
+    ),
+    reference: list[Path] = typer.Option(
+        [], "--reference", help="A study merge / compose results JSON: its best LoRA merges go beside (repeatable)."
+    ),
+    out: Path = OUT,
+    report: Path = REPORT,
+) -> None:
+    """Routers on mixed-skill prompts: routing accuracy, end-to-end accuracy vs each expert alone and merges.
+
+    Example: skillgraft study route --profile real --reference benchmarks/results/real_merge_lora6.json
+    -o route.json --report route.html
+    """
+    from skillgraft.study.route import ROUTERS, RouteStudySpec, run_route_study
+
+    spec = RouteStudySpec(
+        profile=profile,
+        cache=cache,
+        skills=tuple(skill),
+        limit=limit,
+        routers=tuple(router) or ROUTERS,
+        arrow_token=arrow_token,
+        centroid_examples=centroid_examples,
+        classifier_examples=classifier_examples,
+        transfer=transfer,
+        references=tuple(reference),
+        command=_command_line(),
+    )
+    with progress_bar() as progress:
+        results = run_route_study(spec, progress)
     _finish(results, out, report)

@@ -31,6 +31,7 @@ _SECTIONS: dict[str, type] = {
     "transfer": list,
     "transfer_speed": dict,
     "compose": list,
+    "route": dict,
 }
 # transfer methods in reading order: references around the fused methods
 _TRANSFER_FIRST = ("large_base", "small_expert")
@@ -434,6 +435,9 @@ def sections(results: dict[str, Any]) -> list[Section]:
     table = speed_table(results)
     if table:
         out.append(Section("Transfer speed", (table,)))
+    tables = route_tables(results)
+    if tables:
+        out.append(Section("Routing", tables))
     table = compose_table(results)
     if table:
         rows = results["compose"]
@@ -443,6 +447,50 @@ def sections(results: dict[str, Any]) -> list[Section]:
         )
         out.append(Section("Learned composition", (table,), figures, captions))
     return out
+
+
+def route_tables(results: dict[str, Any]) -> tuple[Table, ...]:
+    """``study route``: each router's routing accuracy, then end-to-end accuracy on the mixed prompts."""
+    route = _obj(results.get("route"))
+    if not route:
+        return ()
+    skills = _skills(results)
+    out = []
+    routing = [r for r in route.get("routing") or [] if isinstance(r, dict)]
+    if routing:
+        cells = [
+            (
+                str(r.get("router", "?")),
+                str(r.get("examples_per_skill") or "none"),
+                _pct(r.get("accuracy")),
+                *(_pct(_obj(r.get("per_skill")).get(s)) for s in skills),
+                _seconds(r.get("build_seconds")),
+            )
+            for r in routing
+        ]
+        caption = "Routing accuracy: the fraction of mixed prompts sent to their own skill's expert."
+        out.append(_table(("router", "labelled prompts / skill", "accuracy", *skills, "build (s)"), cells, 2, caption))
+    rows = [r for r in route.get("end_to_end") or [] if isinstance(r, dict)]
+    if rows:
+        cells = []
+        for r in rows:
+            em = _obj(r.get("scores"))
+            cells.append(
+                (
+                    str(r.get("method", "?")),
+                    str(r.get("kind", "-")),
+                    _pct(r.get("mean_normalized")),
+                    _pct(r.get("mean_em")),
+                    *(_pct(_em(em.get(s))) for s in skills),
+                )
+            )
+        caption = (
+            "Exact match per skill on the mixed prompts; normalized = EM / the expert's own EM, averaged over skills. "
+            "Reference rows come from the results file named in the JSON (same experts, measured by study merge "
+            "or compose)."
+        )
+        out.append(_table(("method", "kind", "mean normalized", "mean EM", *skills), cells, 2, caption))
+    return tuple(out)
 
 
 def compose_table(results: dict[str, Any]) -> Table | None:
