@@ -8,7 +8,8 @@ again, then runs ``--concurrency`` asyncio + httpx clients per scenario, each bo
 
 * ``base`` — every request names model ``base``;
 * ``skills`` — each request names the skill its prompt belongs to (prompts: ``data/<skill>/test.jsonl``);
-* ``auto`` — model ``auto`` (the server's router picks); skipped where ``skillgraft.route.routers`` is missing.
+* ``auto`` — model ``auto`` (the server's ``--route`` router picks; a centroid/classifier router is built
+  first by ``skillgraft route build``).
 
 Greedy, ``--max-tokens`` (16). Mis-routes (named skills): the answer's ``skillgraft.skills`` is not the skill asked
 for, or its text differs from the same request sent alone (``--check`` requests, after the load). Writes
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as _dt
-import importlib.util
 import json
 import os
 import random
@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-wait-ms", type=float, default=10)
     ap.add_argument("--check", type=int, default=16, help="named-skill answers re-asked alone")
     ap.add_argument("--scenarios", default="base,skills,auto")
+    ap.add_argument("--route", default="arrow", help="the server's router for model 'auto'")
+    ap.add_argument(
+        "--route-examples", type=int, default=64, help="centroid/classifier: labelled train prompts per skill"
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_load.json")
     args = ap.parse_args(argv)
     base = args.base or args.cache / "models" / "base"
@@ -106,7 +110,7 @@ def _start(args: argparse.Namespace, base: Path, library: Path) -> tuple[subproc
     library.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).parent / "skillgraft"
     cmd = [str(exe), "serve", "--base", str(base), "--library", str(library), "--port", "0"]
-    cmd += ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)]
+    cmd += ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms), "--route", args.route]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     while True:
@@ -116,6 +120,19 @@ def _start(args: argparse.Namespace, base: Path, library: Path) -> tuple[subproc
         lines.append(line)
         if line.startswith("serving "):
             return proc, line.split(" on ")[1].split()[0].removesuffix("/v1")
+
+
+def _build_router(args: argparse.Namespace, base: Path, library: Path, skills: list[str]) -> None:
+    """Save the library's centroid/classifier router (another process, as a user would) from the first
+    ``--route-examples`` training prompts of each skill; the server reads it on the first ``auto`` request."""
+    exe = Path(sys.executable).parent / "skillgraft"
+    cmd = [str(exe), "-q", "route", "build", "--library", str(library), "--base", str(base), "--method", args.route]
+    for s in skills:
+        path = library.parent / f"{s}-route-examples.jsonl"
+        with open(args.cache / "data" / s / "train.jsonl") as f:
+            path.write_text("".join(line for _, line in zip(range(args.route_examples), f)))
+        cmd += ["--examples", f"{s}={path}"]
+    subprocess.run(cmd, check=True)
 
 
 # -- load -------------------------------------------------------------------------------------------------
@@ -137,11 +154,10 @@ async def _run(args: argparse.Namespace, base: Path, library: Path, packs: dict[
                 await asyncio.sleep(0.2)
             added = time.perf_counter() - t0
             rss_skills = (await hc.get("/health")).json()
+            if args.route != "arrow" and "auto" in args.scenarios.split(","):
+                _build_router(args, base, library, sorted(packs))
             scenarios = {}
             for name in args.scenarios.split(","):
-                if name == "auto" and importlib.util.find_spec("skillgraft.route.routers") is None:
-                    print("auto: skipped (no skillgraft.route.routers)")
-                    continue
                 scenarios[name] = await _scenario(hc, name, prompts, args)
                 scenarios[name]["rss_mib_after"] = (await hc.get("/health")).json()["rss_bytes"] / (1 << 20)
                 print(f"{name}: {json.dumps(_brief(scenarios[name]))}", flush=True)
@@ -159,7 +175,7 @@ async def _run(args: argparse.Namespace, base: Path, library: Path, packs: dict[
         "machine": machine(),
         "base": str(base),
         "skills": sorted(packs),
-        "settings": {k: getattr(args, k) for k in ("concurrency", "max_tokens", "max_batch", "batch_wait_ms")},
+        "settings": {k: getattr(args, k) for k in ("concurrency", "max_tokens", "max_batch", "batch_wait_ms", "route")},
         "memory_mib": {
             "rss_base_only": rss_base["rss_bytes"] / mib,
             "rss_all_skills": rss_skills["rss_bytes"] / mib,
