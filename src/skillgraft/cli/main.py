@@ -52,6 +52,7 @@ def _register() -> None:
         convert_cmd,
         eval_cmd,
         evolve_cmd,
+        export_cmd,
         library_cmd,
         lora_cmd,
         merge_cmd,

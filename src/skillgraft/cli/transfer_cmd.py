@@ -206,7 +206,7 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible API: the skills of a --library over one base, or logit transfer (--expert).
 
-    Skills: skillgraft serve --base ./base --library ./lib --port 8000, then
+    Example: skillgraft serve --base ./base --library ./lib --port 8000, then
     curl -s localhost:8000/v1/completions -d '{"model": "cipher", "prompt": "...", "max_tokens": 8}'
     (model: base | auto | arrow-token | NAME[@VERSION] | NAME:WEIGHT+NAME:WEIGHT; see docs/serving.md).
 
