@@ -111,20 +111,20 @@ def run_route_study(spec: RouteStudySpec, progress: ProgressFn = no_progress) ->
             routing.append(_routing_row(method, n, skills, prompts, chosen, built, time.perf_counter() - t0))
         rows: list[dict[str, Any]] = []
 
-        def run(name: str, kind: str, router: Any, route: str = "fixed") -> dict[str, Any]:
+        def run(name: str, kind: str, router: Any, route: str = "fixed", only: Sequence[str] = ()) -> dict[str, Any]:
             from skillgraft.eval.harness import evaluate_model
             from skillgraft.route.routed import RoutedModel
 
             progress(f"route study: {name}", len(rows), len(rows) + 1)
             t0 = time.perf_counter()
             routed = RoutedModel(rt, router, route)
-            results = evaluate_model(
-                routed, tok, [dataclasses.replace(t, metrics=("exact_match",)) for t in tasks], batch_size=32
-            )
+            chosen = [(s, t) for s, t in zip(skills, tasks) if not only or s in only]
+            em_only = [dataclasses.replace(t, metrics=("exact_match",)) for _, t in chosen]
+            results = evaluate_model(routed, tok, em_only, batch_size=spec.batch_size)
             row = {
                 "method": name,
                 "kind": kind,
-                "scores": {s: {"em": r.exact_match or 0.0} for s, r in zip(skills, results)},
+                "scores": {s: {"em": r.exact_match or 0.0} for (s, _), r in zip(chosen, results)},
             }
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
@@ -132,7 +132,7 @@ def run_route_study(spec: RouteStudySpec, progress: ProgressFn = no_progress) ->
 
         own = {}
         for s in skills:  # each expert on its own skill's prompts: the oracle router, and the normalizer
-            ex = run(f"expert:{s}", "expert", _Fixed(((s, 1.0),)))
+            ex = run(f"expert:{s}", "expert", _Fixed(((s, 1.0),)), only=(s,))
             own[s] = ex["scores"][s]["em"]
         rows.clear()
         rows.append(
