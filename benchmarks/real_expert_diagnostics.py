@@ -27,7 +27,7 @@ from skillgraft.bench.build import BenchManifest, default_cache  # noqa: E402
 from skillgraft.bench.real_skills import real_examples  # noqa: E402
 from skillgraft.eval.general import chat_prompt  # noqa: E402
 from skillgraft.io.checkpoint import Checkpoint  # noqa: E402
-from skillgraft.io.peft_adapter import read_adapter  # noqa: E402
+from skillgraft.skill.peft import read_adapter  # noqa: E402
 
 
 def lora_delta(path: Path) -> dict[str, torch.Tensor]:

@@ -81,7 +81,7 @@ def _packs(args: argparse.Namespace, base: Path, tmp: Path) -> dict[str, Path]:
         with Library(args.library) as lib:
             recs = {r.name: r for r in lib.list(base=base)}  # the latest version of each
             return {name: lib.path(r.ref) for name, r in recs.items()}
-    from skillgraft.io.peft_adapter import import_lora
+    from skillgraft.skill.peft import import_lora
 
     packs = {}
     for adapter in sorted((args.cache / "models" / "experts").glob("*-lora")):

@@ -18,9 +18,9 @@ from conftest import leftovers, load, logits
 from skillgraft import apply, apply_to_checkpoint
 from skillgraft.cli.main import main
 from skillgraft.errors import MismatchError, UnsupportedError
-from skillgraft.io.peft_adapter import export_lora, import_lora
 from skillgraft.skill.encoding import encode_dense
 from skillgraft.skill.pack import BaseIdentity, Manifest, PackWriter, SkillPack
+from skillgraft.skill.peft import export_lora, import_lora
 
 CASES = {
     "plain": (
@@ -244,7 +244,7 @@ def test_cli_export_json_and_overwrite(plain_adapter, tmp_path, capsys):
 
 @pytest.mark.parametrize(("alpha", "stored"), [(8, torch.bfloat16), (5, torch.float32)])
 def test_bf16_factors_stay_exact(alpha, stored):
-    from skillgraft.io.peft_adapter import LoraModule
+    from skillgraft.skill.peft import LoraModule
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(4, 6, generator=g).bfloat16(), torch.randn(5, 4, generator=g).bfloat16()

@@ -25,19 +25,19 @@ _LAZY = {
     "Manifest": "skillgraft.skill.pack",
     "SkillPack": "skillgraft.skill.pack",
     "Library": "skillgraft.library",
-    "import_lora": "skillgraft.io.peft_adapter",
-    "export_lora": "skillgraft.io.peft_adapter",
+    "import_lora": "skillgraft.skill.peft",
+    "export_lora": "skillgraft.skill.peft",
 }
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
     from skillgraft.errors import SkillgraftError  # noqa: F401
     from skillgraft.io.checkpoint import Checkpoint  # noqa: F401
-    from skillgraft.io.peft_adapter import export_lora, import_lora  # noqa: F401
     from skillgraft.library import Library  # noqa: F401
     from skillgraft.skill.apply import apply, apply_to_checkpoint, unapply  # noqa: F401
     from skillgraft.skill.extract import ExtractResult, ExtractSpec, extract  # noqa: F401
     from skillgraft.skill.pack import Manifest, SkillPack  # noqa: F401
+    from skillgraft.skill.peft import export_lora, import_lora  # noqa: F401
 
 
 def __getattr__(name: str):

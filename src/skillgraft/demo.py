@@ -130,7 +130,7 @@ def _store_packs(
 
 def _import_lora(manifest: Any, lib: Any, tmp: Path, skill: str) -> Any:
     """The skill's LoRA expert imported exactly as a pack and added to ``lib``; returns the library record."""
-    from skillgraft.io.peft_adapter import import_lora
+    from skillgraft.skill.peft import import_lora
 
     out = tmp / f"{skill}-lora.skill"
     import_lora(manifest.model_dir(f"experts/{skill}-lora"), out, base=manifest.model_dir("base"), name=f"{skill}-lora")

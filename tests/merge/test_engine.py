@@ -119,7 +119,7 @@ def test_dry_run_with_a_skill_pack_reads_no_weights(family, tmp_path, capsys, mo
     with monkeypatch.context() as m:
         m.setattr(safetensors_file.MappedFile, "get", boom)
         m.setattr(fingerprint, "fingerprint_checkpoint", boom)
-        m.setattr("skillgraft.merge.engine.fingerprint_checkpoint", boom)
+        m.setattr("skillgraft.merge.plan.fingerprint_checkpoint", boom)
         assert main(["merge", str(p), "-o", str(tmp_path / "out"), "--dry-run", "--json"]) == 0
         plan = json.loads(capsys.readouterr().out)
         assert plan["fingerprints_not_checked"] == [plan["inputs"][1]["source"]]
@@ -326,6 +326,12 @@ SLICE_CASES = [
     ("magnitude_prune", {"density": 0.5, "mode": "mergekit"}),
     ("dare_linear", {"density": 0.5}),
     ("dare_ties", {"density": 0.5, "mode": "mergekit"}),
+    ("breadcrumbs_ties", {"density": 0.8, "gamma": 0.05}),
+    ("della", {"density": 0.5, "epsilon": 0.1}),
+    ("pcb", {}),
+    ("consensus", {"k": 2}),
+    ("slerp", {"t": [0.2, 0.8]}),
+    ("layer_swap", {"ranges": [{"layers": [1, 2], "input": 1}]}),
 ]
 
 
@@ -333,26 +339,42 @@ SLICE_IDS = [f"{m}-{'-'.join(map(str, p.values()))}" for m, p in SLICE_CASES]
 
 
 @pytest.mark.parametrize("method,params", SLICE_CASES, ids=SLICE_IDS)
-def test_slice_path_equals_whole_tensor_path(family, tmp_path, monkeypatch, method, params):
-    """The engine's slice-by-slice path (reused buffers, tiny slices here) gives bit-identical output to the
-    whole-tensor path, for every chunked method, including per-input random draws."""
-    from skillgraft.merge import engine, steps
+def test_engine_slices_equal_the_method_on_whole_tensors(family, tmp_path, monkeypatch, method, params):
+    """The engine's one loop (tiny slices here, two lanes, reused buffers) gives bit for bit what the method's own
+    function gives on each whole tensor — the same weights, per-input generators and whole-model pass — for
+    every kind of method (slice methods, whole-tensor methods, randomized, needing the base)."""
+    from skillgraft.merge import steps
+    from skillgraft.merge.plan import input_rngs, layer_of, plan_merge
+    from skillgraft.merge.registry import TensorJob
+    from skillgraft.progress import no_progress
 
     base, ft1, ft2 = family
-    cfg = {"base": str(base), "method": method, "parameters": params, "seed": 5,
-           "inputs": [{"source": str(ft1), "weight": 0.6}, {"source": str(ft2), "weight": 0.5}]}  # fmt: skip
+    cfg = from_dict({"base": str(base), "method": method, "parameters": params, "seed": 5,
+           "inputs": [{"source": str(ft1), "weight": 0.6}, {"source": str(ft2), "weight": 0.5}]})  # fmt: skip
     monkeypatch.setattr(steps, "SLICE", 1000)
-    monkeypatch.setattr("skillgraft.merge.slices.SLICE", 1000)
-    merge(from_dict(cfg), MergeOptions(out=tmp_path / "sliced"))
-    monkeypatch.setattr(engine, "_sliced", lambda plan, opts: False)
-    merge(from_dict(cfg), MergeOptions(out=tmp_path / "whole"))
-    a, b = _state(tmp_path / "sliced"), _state(tmp_path / "whole")
-    assert a.keys() == b.keys()
-    changed = 0
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
-        changed += not torch.equal(a[n], _state(base)[n])
-    assert changed > 0
+    monkeypatch.setattr("skillgraft.merge.engine.SLICE", 1000)
+    merge(cfg, MergeOptions(out=tmp_path / "sliced", threads=2))
+    got, b, fts = _state(tmp_path / "sliced"), _state(base), [_state(ft1), _state(ft2)]
+    plan = plan_merge(cfg, MergeOptions(out=None))
+    try:
+        info, run = plan.method, plan.method.steps
+        found = run.model_pass(plan, plan.params, no_progress) if run.model_pass else None
+        changed = 0
+        for t in plan.tensors:
+            b32 = b[t.name].float()
+            deltas = torch.stack([f[t.name].float() - b32 if i in t.users else torch.zeros_like(b32)
+                                  for i, f in enumerate(fts)])  # fmt: skip
+            job = TensorJob(
+                t.name, deltas, torch.tensor(cfg.weights_for(t.name)), base=b32 if info.needs_base else None,
+                rng=input_rngs(5, t.name, 2) if info.randomized else None, layer=layer_of(t.name),
+                num_layers=plan.num_layers, **(found.fields(t.name) if found else {}),
+            )  # fmt: skip
+            want = (b32 + info.fn(job, plan.params)).to(t.out_dtype) if t.users else b[t.name]
+            assert torch.equal(got[t.name], want), t.name
+            changed += not torch.equal(got[t.name], b[t.name])
+        assert changed > 0
+    finally:
+        plan.close()
 
 
 def test_public_api_merge_is_callable_with_a_dict_or_a_yaml_file(family, tmp_path):

@@ -75,7 +75,7 @@ CONFIG_HOLES = {
         "layer range [1, 3) goes past the model's 2 layers",
     ),
     "consensus_k": (("consensus", {"k": 5}), "k = 5 but there are 2 inputs"),
-    "tall_masks_k": (("tall_masks", {"k": 3}), "k = 3 but there are 2 inputs"),
+    "consensus_k3": (("consensus", {"k": 3}), "k = 3 but there are 2 inputs"),
     "breadcrumbs": (("breadcrumbs", {"density": 0.9, "gamma": 0.95}), "density 0.9 + gamma 0.95 > 1"),
     "breadcrumbs_ties": (("breadcrumbs_ties", {"density": 0.5, "gamma": 0.6}), "density 0.5 + gamma 0.6 > 1"),
     "ties_density_0": (("ties", {"density": 0}), "density must be a number in (0, 1]"),

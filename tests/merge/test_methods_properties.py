@@ -206,7 +206,7 @@ def test_mergekit_trim_skips_the_sort_only_when_it_cannot_matter(zeros: float) -
     """mode mergekit (argsort ties) equals argsort's exactly-k trim bit for bit, whether the k-th magnitude is 0
     (the fast path: tied entries are zeros) or not (the sort runs)."""
     from skillgraft.merge import steps
-    from skillgraft.merge.methods import family
+    from skillgraft.merge.methods.ties import combine
 
     g = torch.Generator().manual_seed(5)
     deltas = (torch.randn(2, 96, 64, generator=g) * 1e-3).bfloat16().float()
@@ -214,7 +214,7 @@ def test_mergekit_trim_skips_the_sort_only_when_it_cannot_matter(zeros: float) -
     w = torch.tensor([0.6, 0.4])
     got = run("ties", deltas, w, density=0.5, mode="mergekit")
     trimmed = torch.stack([d * steps.exact_keep_mask(d, 0.5).reshape_as(d) for d in deltas])
-    want = family.combine(trimmed, w, consensus=True, mode="mergekit", normalize=True, lambda_=1.0)
+    want = combine(trimmed, w, consensus=True, mode="mergekit", normalize=True, lambda_=1.0)
     assert torch.equal(got, want)
     t = [steps.kth_largest_abs(d, steps.keep_count(0.5, d.numel())) for d in deltas]
     assert all(x == 0 for x in t) if zeros > 0.5 else all(x > 0 for x in t)

@@ -16,10 +16,10 @@ from skillgraft.bench.tokenizer import make_tokenizer, save_tokenizer
 from skillgraft.cli.main import main
 from skillgraft.eval.generate import GenerateParams
 from skillgraft.eval.harness import load_model
-from skillgraft.io.peft_adapter import import_lora
 from skillgraft.library import Library
 from skillgraft.route.routers import build_router, read_router
 from skillgraft.route.runtime import SkillRuntime
+from skillgraft.skill.peft import import_lora
 from skillgraft.transfer.fused import ExpertPair, FusedModel, GenerationSpec
 
 TAGS = {"rev": "[rev]", "sort": "[sort]"}

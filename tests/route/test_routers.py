@@ -14,9 +14,9 @@ from conftest import build, llama_config, save
 from skillgraft.bench.tokenizer import make_tokenizer
 from skillgraft.errors import FormatError, InputError
 from skillgraft.eval.generate import encode_prompt
-from skillgraft.io.peft_adapter import import_lora
 from skillgraft.route.routers import arrow_scores, build_router, load_router, read_router, save_router
 from skillgraft.route.runtime import SkillRuntime
+from skillgraft.skill.peft import import_lora
 
 TARGETS = {
     "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),

@@ -11,10 +11,10 @@ from conftest import build, finetune_like, gpt2_config, llama_config, save
 
 from skillgraft.errors import InputError, NotFoundError
 from skillgraft.eval.generate import GenerateParams, generate, loglikelihood
-from skillgraft.io.peft_adapter import import_lora
 from skillgraft.route.runtime import ARROW_MIX, SkillRuntime
 from skillgraft.skill.apply import apply, unapply
 from skillgraft.skill.extract import ExtractSpec, extract
+from skillgraft.skill.peft import import_lora
 
 PROMPTS = ["abc>", "ba hd>", "hgfedcb>", "a>", "dd>", "cab>"]
 

@@ -18,13 +18,13 @@ from conftest import build, finetune_like, llama_config, save
 from skillgraft.bench.tokenizer import make_tokenizer, save_tokenizer
 from skillgraft.eval.generate import GenerateParams, encode_prompt, generate
 from skillgraft.eval.harness import load_model
-from skillgraft.io.peft_adapter import import_lora
 from skillgraft.library import Library
 from skillgraft.route.decode import Row, Sampling, decode
 from skillgraft.route.routers import read_router
 from skillgraft.route.runtime import ARROW_MIX, SkillRuntime
 from skillgraft.route.serve import ApiError, Job, ServeSpec, SkillServer, make_app, make_uvicorn, resolve_model
 from skillgraft.skill.extract import ExtractSpec, extract
+from skillgraft.skill.peft import import_lora
 
 PROMPTS = ["abc>", "ba hd>", "hgfedcb>", "a>", "dd>", "cab>", "zz top>", "q>"]
 TEMPLATE = (  # the char tokenizer's letters only: "s be brief>u dcba>a "

@@ -15,11 +15,11 @@ from conftest import build, finetune_like, leftovers, llama_config, save
 
 from skillgraft.cli.main import main
 from skillgraft.errors import InputError, NotFoundError, OutputExistsError
-from skillgraft.io.peft_adapter import import_lora
 from skillgraft.library import Library
 from skillgraft.route.vllm import VLLM_MAX_LORA_RANKS, export_vllm, vllm_rank
 from skillgraft.skill.apply import apply
 from skillgraft.skill.extract import ExtractSpec, extract
+from skillgraft.skill.peft import import_lora
 
 FAKE_VLLM = '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n'  # prints its argv, one per line
 

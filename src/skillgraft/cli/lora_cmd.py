@@ -1,6 +1,6 @@
 """The ``import-lora`` and ``export-lora`` commands: PEFT LoRA adapters in and out of skill packs.
 
-Thin wrappers over :mod:`skillgraft.io.peft_adapter`; heavy imports happen inside the handlers.
+Thin wrappers over :mod:`skillgraft.skill.peft`; heavy imports happen inside the handlers.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def import_lora_cmd(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    from skillgraft.io.peft_adapter import import_lora
+    from skillgraft.skill.peft import import_lora
 
     command = _command(
         "import-lora",
@@ -118,7 +118,7 @@ def export_lora_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    from skillgraft.io.peft_adapter import export_lora
+    from skillgraft.skill.peft import export_lora
 
     report = export_lora(
         _resolve(skill, library_dir),

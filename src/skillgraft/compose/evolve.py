@@ -97,7 +97,7 @@ def check_spec(spec: EvolveSpec) -> Prepared:
     from skillgraft.compose.scoring import load_tasks, task_names
     from skillgraft.io.checkpoint import Checkpoint
     from skillgraft.merge.config import MergeConfig, MergeInput
-    from skillgraft.merge.engine import MergeOptions, _num_layers, plan_merge
+    from skillgraft.merge.plan import MergeOptions, count_layers, plan_merge
 
     density_methods = _method_checks(spec)
     digests = []
@@ -108,7 +108,7 @@ def check_spec(spec: EvolveSpec) -> Prepared:
     tasks = load_tasks(spec.tasks, task_names(spec.tasks), spec.limit)
     base = Checkpoint(spec.base)
     try:
-        names, num_layers = list(base.names()), _num_layers(base)
+        names, num_layers = list(base.names()), count_layers(base)
     finally:
         base.close()
     if spec.layer_groups > (num_layers or 1):

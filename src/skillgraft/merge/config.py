@@ -244,6 +244,8 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
     )
     if method == "slerp":
         inputs = tuple(MergeInput(i.source, 1.0) for i in inputs)
+    if "mode" in _param_fields(method):  # mergekit's YAML means mergekit's rules
+        global_params["mode"] = "mergekit"
     return MergeConfig(
         str(base),
         method,
@@ -256,6 +258,14 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
         "mergekit",
         source_file,
     )
+
+
+def _param_fields(method: str) -> set[str]:
+    import dataclasses
+
+    from skillgraft.merge.registry import get_method
+
+    return {f.name for f in dataclasses.fields(get_method(method).params)}
 
 
 def read_yaml(path: str | Path, what: str) -> Any:

@@ -23,8 +23,8 @@ merged delta in fp32. Parameter names are the config keys (`lambda_` is written 
 def render_methods_page() -> str:
     """The whole page: a summary table, then one section per method."""
     methods = all_methods()
-    lines = [HEADER, "| method | aliases | flags |", "|---|---|---|"]
-    lines += [f"| [`{m.name}`](#{m.name}) | {_aliases(m)} | {', '.join(_flags(m)) or '—'} |" for m in methods]
+    lines = [HEADER, "| method | flags |", "|---|---|"]
+    lines += [f"| [`{m.name}`](#{m.name}) | {', '.join(_flags(m)) or '—'} |" for m in methods]
     for m in methods:
         lines += ["", *_section(m)]
     return "\n".join(lines) + "\n"
@@ -32,8 +32,6 @@ def render_methods_page() -> str:
 
 def _section(m: MethodInfo) -> list[str]:
     out = [f"## {m.name}", ""]
-    if m.aliases:
-        out += [f"Aliases: {_aliases(m)}", ""]
     out += [f"Flags: {', '.join(_flags(m)) or 'none'}", ""]
     fields = dataclasses.fields(m.params)
     if fields:
@@ -53,16 +51,14 @@ def _flags(m: MethodInfo) -> list[str]:
         flags.append("randomized (seeded per tensor)")
     if m.stats:
         flags.append(f"needs statistics: {m.stats}")
-    if m.global_trim:
-        flags.append("whole-model trimming")
+    if m.steps is not None and m.steps.model_pass is not None and not m.stats:
+        flags.append("whole-model pass (optional)")
+    if m.steps is not None and m.steps.whole_tensor:
+        flags.append("whole tensor at once")
     if m.min_inputs != 1 or m.max_inputs is not None:
         hi = m.max_inputs if m.max_inputs is not None else "any"
         flags.append(f"inputs: {m.min_inputs}–{hi}" if hi != m.min_inputs else f"inputs: exactly {hi}")
     return flags
-
-
-def _aliases(m: MethodInfo) -> str:
-    return ", ".join(f"`{a}`" for a in m.aliases) or "—"
 
 
 def _key(name: str) -> str:

@@ -1,6 +1,8 @@
 """Where a merge goes: a full HF checkpoint, a new skill pack, or a PEFT LoRA adapter (ΔW merge + truncated SVD).
 
-Every output is written under a temporary name and appears at its final path only when complete.
+Each output takes ``add(t, tensor, base)`` per tensor — the merged tensor in its output dtype and the base's tensor
+as stored — then ``finish()`` or ``abort()``. Every output is written under a temporary name and appears at its
+final path only when complete.
 """
 
 from __future__ import annotations
@@ -26,18 +28,8 @@ class HFOutput:
         )
         layout = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
         self.writer = CheckpointWriter(opts.out, opts.overwrite, opts.max_shard_bytes, plan.base.path, updates, layout)
-        self.changed = 0
 
-    def add(self, t: Any, base: torch.Tensor, merged: torch.Tensor | None) -> None:
-        if merged is None:
-            self.writer.add(t.name, base.to(t.out_dtype))
-            return
-        self.changed += 1
-        self.writer.add(t.name, merged.to(t.out_dtype))
-
-    def add_final(self, t: Any, tensor: torch.Tensor, changed: bool) -> None:
-        """Add a tensor already in its output dtype (the slice path)."""
-        self.changed += changed
+    def add(self, t: Any, tensor: torch.Tensor, base: torch.Tensor) -> None:
         self.writer.add(t.name, tensor)
 
     def finish(self) -> dict:
@@ -59,10 +51,10 @@ class SkillOutput:
         self.command = command
         self.changed = 0
 
-    def add(self, t: Any, base: torch.Tensor, merged: torch.Tensor | None) -> None:
-        if merged is None:
+    def add(self, t: Any, tensor: torch.Tensor, base: torch.Tensor) -> None:
+        if not t.users:
             return
-        target = merged.to(t.out_dtype)
+        target = tensor
         delta = target.float() - base.float()
         if not delta.any():
             return
@@ -118,11 +110,11 @@ class LoraOutput:
         self.tmp = tempfile.TemporaryDirectory(prefix="skillgraft-lora-")
         self.inner = SkillOutput(plan, opts, Path(self.tmp.name) / "merged.skill")
 
-    def add(self, t: Any, base: torch.Tensor, merged: torch.Tensor | None) -> None:
-        self.inner.add(t, base, merged)
+    def add(self, t: Any, tensor: torch.Tensor, base: torch.Tensor) -> None:
+        self.inner.add(t, tensor, base)
 
     def finish(self) -> dict:
-        from skillgraft.io.peft_adapter import export_lora
+        from skillgraft.skill.peft import export_lora
 
         try:
             self.inner.finish()

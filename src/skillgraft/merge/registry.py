@@ -1,9 +1,10 @@
 """The merge-method registry: ``@merge_method`` turns a pure function into a registered, typed method.
 
 A method is ``fn(job: TensorJob, params: P) -> Tensor`` where ``P`` is a frozen dataclass of its parameters
-(validated in ``__post_init__``) and the returned tensor is the merged *delta* for ``job.name``. ``P`` may define
-``check_plan(n_inputs, num_layers)`` for checks that need the merge's input count or the model's block count (run
-by ``plan_merge`` before any tensor is read) and ``supplier(layer) -> int`` when each tensor comes from one input.
+(validated in ``__post_init__``) and the returned tensor is the merged *delta* for ``job.name``; its
+:class:`Steps` say how the engine runs it slice by slice. ``P`` may define ``check_plan(facts: PlanFacts)`` for
+checks that need the merge's inputs, weights or the model's block count (run by ``plan_merge`` before any tensor
+is read) and ``supplier(layer) -> int`` when each tensor comes from one input.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class TensorJob:
     ``thresholds`` holds per-input magnitude thresholds for whole-model trimming when the engine computed
     them; ``stats`` holds per-input statistics (diagonal Fisher, input Gram matrix) when the method asks.
     ``layer`` is the transformer block index parsed from the name (None for embeddings, final norm, …).
+    ``pool`` is the engine's ``map(fn, items)`` for per-input work side by side (see :meth:`each`); methods never
+    start threads of their own.
     """
 
     name: str
@@ -46,10 +49,18 @@ class TensorJob:
     stats: tuple[torch.Tensor, ...] | None = None
     layer: int | None = None
     num_layers: int | None = None
+    pool: Callable[[Callable[[Any], Any], list], list] | None = None
 
     @property
     def n(self) -> int:
         return int(self.deltas.shape[0])
+
+    def each(self, fn: Callable[[Any], Any], items: list) -> list:
+        """``[fn(x) for x in items]``, on the engine's threads when it gave some (torch releases the GIL; sorts,
+        histograms and seeded draws are single-threaded, so per-input work runs side by side)."""
+        if self.pool is None or len(items) < 2:
+            return [fn(x) for x in items]
+        return self.pool(fn, items)
 
     def rng_for(self, i: int) -> torch.Generator | None:
         """The generator input ``i`` draws from."""
@@ -69,35 +80,71 @@ class TensorJob:
 
 
 @dataclass(frozen=True)
-class Chunked:
-    """How a method merges a tensor slice by slice, so the engine never holds its temporaries whole.
+class Steps:
+    """The one contract every method is run through: ``prepare`` once per tensor, then ``apply`` per slice.
 
-    ``prepare(job, params)`` sees the whole tensor once (``job.deltas`` flattened to ``[n, numel]``) and returns
-    per-tensor quantities (trim thresholds, kept-entry masks, norms) or None; ``apply(job, params, ctx, sl)``
-    merges the flat slice ``sl`` (``job.deltas`` is ``[n, len]``, ``job.base`` the matching slice) and must give,
-    slice by slice in order, exactly what one call over the whole tensor gives. Per-input generators are drawn
-    from in slice order. The method's own function is ``apply`` over one slice holding everything
-    (:func:`whole`), so both paths run the same code.
+    ``prepare(job, params)`` sees the whole tensor (``job.deltas`` ``[n, *shape]``, ``job.base`` the tensor) and
+    returns per-tensor quantities (trim thresholds, kept-entry masks, norms, or — for a method that needs the
+    whole tensor at once — the merged delta itself, flattened) or None. ``apply(job, params, ctx, sl)`` merges the
+    flat slice ``sl`` (``job.deltas`` is ``[n, len]``, ``job.base`` the matching slice) and must give, slice by
+    slice in order, exactly what one call over the whole tensor gives. Per-input generators are drawn from in
+    slice order. The method's own function is ``apply`` over one slice holding everything (:func:`whole`), so the
+    engine and a direct call run the same code.
+
+    ``reads_whole(params)``: whether ``prepare`` reads the deltas for these parameters; when false the engine
+    passes ``[n, 0]`` deltas and never materialises the tensor (e.g. TIES with whole-model thresholds).
+    ``model_pass(plan, params, progress)``: an optional pass over the whole model before any tensor is merged
+    (whole-model trim thresholds, Fisher or Gram statistics); it returns None or a :class:`ModelPass` whose
+    ``fields(name)`` become extra :class:`TensorJob` fields for that tensor.
     """
 
     prepare: Callable[[TensorJob, Any], Any] | None
     apply: Callable[[TensorJob, Any, Any, slice], torch.Tensor]
-    # Whether ``prepare`` reads the deltas for these parameters; when false the engine passes ``[n, 0]`` deltas
-    # (e.g. TIES with whole-model thresholds only needs ``job.thresholds``) and never materialises the tensor.
-    needs_whole: Callable[[Any], bool] = lambda params: True
+    reads_whole: Callable[[Any], bool] = lambda params: True
+    model_pass: Callable[[Any, Any, Any], ModelPass | None] | None = None
+    whole_tensor: bool = False  # ``prepare`` computes the whole merged delta (see :func:`whole_tensor`)
 
 
-def whole(job: TensorJob, params: Any, chunked: Chunked) -> torch.Tensor:
-    """Run a chunked method over a whole tensor in one slice; returns the merged delta in the tensor's shape."""
+class ModelPass:
+    """What a method's whole-model pass found: per-tensor job fields, and resources to release at the end."""
+
+    def fields(self, name: str) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def whole(job: TensorJob, params: Any, method: Steps) -> torch.Tensor:
+    """Run a method over a whole tensor as one slice; returns the merged delta in the tensor's shape."""
     shape = job.deltas.shape[1:]
+    ctx = method.prepare(job, params) if method.prepare else None
     flat = dataclasses.replace(
         job,
         deltas=job.deltas.reshape(job.n, -1),
         base=None if job.base is None else job.base.reshape(-1),
     )
-    ctx = chunked.prepare(flat, params) if chunked.prepare else None
-    numel = flat.deltas.shape[1]
-    return chunked.apply(flat, params, ctx, slice(0, numel)).reshape(shape)
+    return method.apply(flat, params, ctx, slice(0, flat.deltas.shape[1])).reshape(shape)
+
+
+def _take(job: TensorJob, params: Any, ctx: torch.Tensor, sl: slice) -> torch.Tensor:
+    return ctx[sl]
+
+
+def whole_tensor(fn: Callable[[TensorJob, Any], torch.Tensor], model_pass: Any = None) -> Steps:
+    """The contract for a method that needs the whole tensor at once: ``prepare`` runs ``fn`` and keeps the
+    flattened result; ``apply`` hands out its slices."""
+    return Steps(lambda job, params: fn(job, params).reshape(-1), _take, model_pass=model_pass, whole_tensor=True)
+
+
+@dataclass(frozen=True)
+class PlanFacts:
+    """What a parameter object's ``check_plan`` may look at: known once the inputs are opened, before any
+    tensor is read."""
+
+    n_inputs: int
+    num_layers: int | None
+    weights: tuple[float, ...]  # each input's weight (its default, for inputs with per-block weights)
 
 
 @dataclass(frozen=True)
@@ -115,12 +162,10 @@ class MethodInfo:
     params: type
     needs_base: bool = False
     randomized: bool = False
-    stats: str | None = None  # "fisher" | "gram" | None
-    global_trim: bool = False  # may use engine-computed whole-model thresholds
-    chunked: Chunked | None = None  # the engine may merge slice by slice
+    stats: str | None = None  # "fisher" | "gram" | None: the examples-based statistics its model pass computes
+    steps: Steps | None = None  # how the engine runs it (every registered method has one)
     min_inputs: int = 1
     max_inputs: int | None = None
-    aliases: tuple[str, ...] = ()
 
     @property
     def doc(self) -> str:
@@ -151,7 +196,6 @@ class MethodInfo:
 
 
 REGISTRY: dict[str, MethodInfo] = {}
-_ALIASES: dict[str, str] = {}
 
 
 def merge_method(
@@ -161,37 +205,35 @@ def merge_method(
     needs_base: bool = False,
     randomized: bool = False,
     stats: str | None = None,
-    global_trim: bool = False,
-    chunked: Chunked | None = None,
+    steps: Steps | None = None,
+    model_pass: Any = None,
     min_inputs: int = 1,
     max_inputs: int | None = None,
-    aliases: tuple[str, ...] = (),
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register ``fn`` as merge method ``name``; a second registration of a name or alias is an error."""
+    """Register ``fn`` (the method on a whole tensor) as merge method ``name``.
+
+    ``steps`` is how the engine runs it slice by slice (``fn`` then is ``whole(job, params, steps)``); without it
+    the method needs the whole tensor at once and runs as :func:`whole_tensor` (with ``model_pass``, if given).
+    A second registration of a name is an error."""
 
     def register(fn: MethodFn) -> MethodFn:
-        for key in (name, *aliases):
-            if key in REGISTRY or key in _ALIASES:
-                raise RuntimeError(f"merge method name {key!r} registered twice")
-        info = MethodInfo(
-            name, fn, params, needs_base, randomized, stats, global_trim, chunked, min_inputs, max_inputs, aliases
-        )
-        REGISTRY[name] = info
-        _ALIASES.update({a: name for a in aliases})
+        if name in REGISTRY:
+            raise RuntimeError(f"merge method name {name!r} registered twice")
+        run = steps if steps is not None else whole_tensor(fn, model_pass)
+        REGISTRY[name] = MethodInfo(name, fn, params, needs_base, randomized, stats, run, min_inputs, max_inputs)
         return fn
 
     return register
 
 
 def get_method(name: str) -> MethodInfo:
-    """Look a method up by name or alias; unknown names get a "did you mean" hint."""
+    """Look a method up by name; unknown names get a "did you mean" hint."""
     _load_methods()
-    key = _ALIASES.get(name, name)
-    if key not in REGISTRY:
-        near = difflib.get_close_matches(name, sorted([*REGISTRY, *_ALIASES]), n=1)
+    if name not in REGISTRY:
+        near = difflib.get_close_matches(name, sorted(REGISTRY), n=1)
         hint = f"did you mean {near[0]!r}?" if near else f"known methods: {', '.join(sorted(REGISTRY))}"
         raise InputError(f"unknown merge method {name!r}", hint=hint)
-    return REGISTRY[key]
+    return REGISTRY[name]
 
 
 def all_methods() -> list[MethodInfo]:

@@ -67,7 +67,7 @@ class LoraSource(DeltaSource):
     kind = "lora"
 
     def __init__(self, adapter_dir: Path, label: str, allow_pickle: bool = False) -> None:
-        from skillgraft.io.peft_adapter import read_adapter
+        from skillgraft.skill.peft import read_adapter
 
         self.adapter = read_adapter(adapter_dir, allow_pickle)
         self.label = label

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from skillgraft.errors import FormatError, InputError
 from skillgraft.io.safetensors_file import MappedFile
+from skillgraft.merge.registry import ModelPass
 from skillgraft.progress import ProgressFn, no_progress
 from skillgraft.skill.fingerprint import model_state
 
@@ -112,8 +113,29 @@ def gram_matrices(model: torch.nn.Module, tok: Any, examples: list[tuple[str, st
     return grams
 
 
+class StatsPass(ModelPass):
+    """Each input's statistics for every tensor, as ``job.stats`` (None where an input has none)."""
+
+    def __init__(self, stats: list[LazyStats | None]) -> None:
+        self.stats = stats
+
+    def fields(self, name: str) -> dict:
+        return {"stats": tuple(s.get(name) if s is not None else None for s in self.stats)}
+
+    def close(self) -> None:
+        for s in self.stats:
+            if s is not None:
+                s.file.close()
+
+
+def statistics_pass(plan: Any, params: Any, progress: ProgressFn) -> StatsPass:
+    """The whole-model pass of Fisher and RegMean: :func:`compute_stats` for the plan's method."""
+    return StatsPass(compute_stats(plan, progress))
+
+
 def compute_stats(plan: Any, progress: ProgressFn = no_progress) -> list[LazyStats | None]:
-    """Statistics for every input of ``plan`` (kept in a temp dir owned by the plan)."""
+    """Statistics (``plan.method.stats``: "fisher" or "gram") for every input of ``plan``, spilled to a temp
+    dir that is removed with the plan."""
     from transformers import AutoTokenizer
 
     try:
@@ -123,7 +145,7 @@ def compute_stats(plan: Any, progress: ProgressFn = no_progress) -> list[LazySta
     examples = read_examples(plan.config.examples, plan.config.num_examples)
     kind = plan.method.stats
     tmp = tempfile.TemporaryDirectory(prefix="skillgraft-stats-")
-    plan.stats_dir = tmp  # removed with the plan
+    plan.resources.append(tmp)  # removed with the plan
     out: list[LazyStats | None] = []
     for i in range(len(plan.sources)):
         progress(f"{kind} statistics", i, len(plan.sources))

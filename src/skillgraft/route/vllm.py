@@ -1,6 +1,6 @@
 """Export a library's LoRA-form skills as PEFT adapters plus the ``vllm serve`` command that serves them all.
 
-``export_vllm`` writes ``DIR/<name>/`` (via ``io.peft_adapter.export_lora``), ``serve.sh``, ``skills.json`` and
+``export_vllm`` writes ``DIR/<name>/`` (via ``skill.peft.export_lora``), ``serve.sh``, ``skills.json`` and
 ``README.md`` into a temporary sibling of ``DIR`` and renames it into place only when everything is written.
 """
 
@@ -173,8 +173,8 @@ def _choose(lib: Library, skills: list[str] | None, fp: str | None) -> tuple[lis
 
 def _export_one(lib: Library, rec: SkillRecord, out: Path) -> ExportedSkill | str:
     """Write ``out`` as a PEFT adapter of ``rec``, or return why it cannot be served by vLLM."""
-    from skillgraft.io.peft_adapter import export_lora
     from skillgraft.skill.pack import SkillPack
+    from skillgraft.skill.peft import export_lora
 
     pack_path = lib.path(rec.ref)
     with SkillPack(pack_path) as pack:

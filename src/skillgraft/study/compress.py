@@ -101,8 +101,8 @@ def _lora_rows(manifest: Any, model: Any, tok: Any, skills: list[str], spec: Com
     the same rows (PEFT's unmerged forward)."""
     from peft import PeftModel
 
-    from skillgraft.io.peft_adapter import import_lora
     from skillgraft.skill.apply import apply, unapply
+    from skillgraft.skill.peft import import_lora
 
     rows = []
     for s in skills:

@@ -102,7 +102,7 @@ class _Study:
             return resolve_skill(self.expert_source(kind, skill), Library(self.spec.library))
         out = Path(self.tmp.name) / f"expert-{kind}-{skill}.skill"
         if kind == "lora":
-            from skillgraft.io.peft_adapter import import_lora
+            from skillgraft.skill.peft import import_lora
 
             import_lora(self.expert_source(kind, skill), out, base=self.base_dir, overwrite=True)
         else:

@@ -30,8 +30,8 @@ class NegateStudySpec:
 
 def _packs(manifest: Any, kind: str, skills: list[str], tmp: Path) -> dict[str, Path]:
     """Each skill's expert of ``kind`` as an exact pack (LoRA imported, full fine-tune extracted densely)."""
-    from skillgraft.io.peft_adapter import import_lora
     from skillgraft.skill.extract import ExtractSpec, extract
+    from skillgraft.skill.peft import import_lora
 
     base = manifest.model_dir("base")
     out = {}

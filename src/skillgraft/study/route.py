@@ -75,9 +75,9 @@ def run_route_study(spec: RouteStudySpec, progress: ProgressFn = no_progress) ->
     from skillgraft.bench.build import build
     from skillgraft.errors import InputError
     from skillgraft.eval.tasks import read_jsonl, task_from_examples
-    from skillgraft.io.peft_adapter import import_lora
     from skillgraft.route.routers import build_router
     from skillgraft.route.runtime import SkillRuntime
+    from skillgraft.skill.peft import import_lora
 
     for r in spec.routers:
         if r not in ROUTERS:

@@ -18,6 +18,7 @@ from skillgraft.errors import InputError
 from skillgraft.transfer import speculative
 from skillgraft.transfer.combine import METHODS, combine, prompt_gate
 from skillgraft.transfer.parallel import SmallWorker, threads_for
+from skillgraft.transfer.stream import advance, forward, new_stream
 from skillgraft.transfer.vocab import check_shared_vocab
 
 
@@ -52,42 +53,6 @@ class ExpertPair:
         if isinstance(self.alpha, (int, float)):
             return float(self.alpha)
         return float(self.alpha[min(step, len(self.alpha) - 1)])
-
-
-@dataclass
-class _Stream:
-    """One model's decoding state over a batch."""
-
-    model: Any
-    mask: torch.Tensor
-    pos: torch.Tensor
-    past: Any = None
-
-
-def _stream(model: Any, mask: torch.Tensor) -> _Stream:
-    """A fresh decoding state for ``model`` over a left-padded batch with attention ``mask``."""
-    return _Stream(model, mask.clone(), (mask.cumsum(-1) - 1).clamp_min(0))
-
-
-def _forward(s: _Stream, ids: torch.Tensor, every: bool = False) -> torch.Tensor:
-    """The last position's fp32 logits (``every``: all positions') after feeding ``ids``."""
-    out = s.model(
-        input_ids=ids,
-        attention_mask=s.mask,
-        position_ids=s.pos,
-        past_key_values=s.past,
-        use_cache=True,
-        logits_to_keep=0 if every else 1,
-    )
-    s.past = out.past_key_values
-    return out.logits.float() if every else out.logits[:, -1].float()
-
-
-def _advance(s: _Stream, nxt: torch.Tensor) -> torch.Tensor:
-    """Feed one token per row (``nxt``: ``[batch]``) after ``s``'s cache; the new last-position logits."""
-    s.mask = torch.cat([s.mask, torch.ones(len(nxt), 1, dtype=s.mask.dtype)], 1)
-    s.pos = s.pos[:, -1:] + 1
-    return _forward(s, nxt[:, None])
 
 
 def _encode(tok: Any, prompts: list[str], special: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,19 +230,19 @@ class FusedModel:
         models = [m for m in [self.large, *self._small_models()] if not any(m is r for r in remote)]
         enc = self._encodings(prompts, [*models, *remote])
         ids, mask = enc[id(self.large)]  # (without chat, every model's)
-        streams = {id(m): _stream(m, enc[id(m)][1]) for m in models}
+        streams = {id(m): new_stream(m, enc[id(m)][1]) for m in models}
         small_ids = [id(m) for m in remote]
         if self.router is not None:
             self._gate = self.router(prompts)
         if self.gate:  # the small models' prefill keeps every position's logits for the gate
-            full = {id(m): _forward(streams[id(m)], ids, every=True) for m in self._small_models()}
+            full = {id(m): forward(streams[id(m)], ids, every=True) for m in self._small_models()}
             self._gate = self._prompt_gate(ids, mask, full)
             logits = {k: v[:, -1] for k, v in full.items()}
-            logits.update({k: _forward(s, ids) for k, s in streams.items() if k not in logits})
+            logits.update({k: forward(s, ids) for k, s in streams.items() if k not in logits})
         else:
             if worker is not None:
                 worker.start([enc[k] for k in small_ids])
-            logits = {k: _forward(s, enc[k][0]) for k, s in streams.items()}
+            logits = {k: forward(s, enc[k][0]) for k, s in streams.items()}
             if worker is not None:
                 logits.update(zip(small_ids, worker.wait()))
         if self.speculate:
@@ -302,7 +267,7 @@ class FusedModel:
             if worker is not None:
                 worker.send(nxt)  # the small models step in their own process while the large one steps here
             for k, s in streams.items():
-                logits[k] = _advance(s, nxt)
+                logits[k] = advance(s, nxt)
             if worker is not None:
                 logits.update(zip(small_ids, worker.wait()))
         self.tokens_generated = out.numel()

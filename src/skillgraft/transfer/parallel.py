@@ -22,23 +22,17 @@ Each side runs torch on its own threads (``threads_for``): on 2 cores, one each.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from skillgraft.errors import SkillgraftError
+from skillgraft.machine import cpu_count
+from skillgraft.transfer.stream import advance, forward, new_stream
 
 
 class WorkerError(SkillgraftError):
     """The small-model process failed or died."""
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def threads_for(large: Any, small: list[Any], cores: int | None = None) -> tuple[int, int]:
@@ -120,7 +114,6 @@ class SmallWorker:
 
 def _serve(conn: Any, models: list[Any], threads: int) -> None:
     """The child's loop: one KV cache per model, answers per message (see the module docstring)."""
-    from skillgraft.transfer.fused import _advance, _forward, _stream
 
     torch.set_num_threads(threads)
     streams: list = []
@@ -137,13 +130,13 @@ def _serve(conn: Any, models: list[Any], threads: int) -> None:
                     return
                 if msg[0] == "prefill":
                     encodings = msg[1]
-                    streams = [_stream(m, mask) for m, (_, mask) in zip(models, encodings)]
-                    outs = [_forward(s, ids).share_memory_() for s, (ids, _) in zip(streams, encodings)]
+                    streams = [new_stream(m, mask) for m, (_, mask) in zip(models, encodings)]
+                    outs = [forward(s, ids).share_memory_() for s, (ids, _) in zip(streams, encodings)]
                     conn.send(("ok", outs))
                 elif msg[0] == "step":
                     nxt = torch.tensor(msg[1], dtype=torch.long)
                     for s, out in zip(streams, outs):
-                        out.copy_(_advance(s, nxt))
+                        out.copy_(advance(s, nxt))
                     conn.send(("ok", None))
                 else:
                     conn.send(("error", f"unknown message {msg[0]!r}"))

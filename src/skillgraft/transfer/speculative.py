@@ -25,28 +25,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from skillgraft.transfer.stream import Stream, feed
+
 if TYPE_CHECKING:
-    from skillgraft.transfer.fused import FusedModel, GenerationSpec, _Stream
+    from skillgraft.transfer.fused import FusedModel, GenerationSpec
 
 
-def feed(s: _Stream, ids: torch.Tensor) -> torch.Tensor:
-    """Run ``s.model`` on ``ids`` ([batch, m]) after its cache; returns fp32 logits for all m positions."""
-    m = ids.shape[1]
-    s.mask = torch.cat([s.mask, torch.ones(ids.shape[0], m, dtype=s.mask.dtype)], 1)
-    pos = s.pos[:, -1:] + torch.arange(1, m + 1)
-    out = s.model(
-        input_ids=ids,
-        attention_mask=s.mask,
-        position_ids=pos,
-        past_key_values=s.past,
-        use_cache=True,
-        logits_to_keep=m,
-    )
-    s.past, s.pos = out.past_key_values, pos[:, -1:]
-    return out.logits.float()
-
-
-def generate(fm: FusedModel, streams: dict[int, _Stream], first: dict[int, torch.Tensor], spec: GenerationSpec,
+def generate(fm: FusedModel, streams: dict[int, Stream], first: dict[int, torch.Tensor], spec: GenerationSpec,
              k: int) -> tuple[list[list[int]], int, int]:  # fmt: skip
     """Decode greedily from prefilled ``streams`` (``first``: each model's logits after the prompt).
 
@@ -107,7 +92,7 @@ def generate(fm: FusedModel, streams: dict[int, _Stream], first: dict[int, torch
     return outs, rounds, accepted
 
 
-def _rollback(s: _Stream, start: int, keep: int, took: torch.Tensor, last_pos: torch.Tensor) -> None:
+def _rollback(s: Stream, start: int, keep: int, took: torch.Tensor, last_pos: torch.Tensor) -> None:
     """Cut ``s`` to ``start + 1 + keep`` tokens; row r keeps its first ``took[r]`` drafts, the rest are masked."""
     length = start + 1 + keep
     if s.mask.shape[1] > length:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from skillgraft.errors import InputError
-from skillgraft.merge.registry import Chunked, TensorJob, merge_method, whole
+from skillgraft.merge.registry import PlanFacts, Steps, TensorJob, merge_method, whole
 
 
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -35,6 +35,10 @@ class LinearParams:
         if not isinstance(self.normalize, bool):
             raise InputError(f"linear: normalize must be true or false, not {self.normalize!r}")
 
+    def check_plan(self, facts: PlanFacts) -> None:
+        if self.normalize and abs(sum(facts.weights)) < 1e-12:
+            raise InputError("linear merge with normalize: the weights sum to 0", hint="set normalize: false")
+
 
 def _linear_apply(job: TensorJob, p: LinearParams, ctx: Any, sl: slice) -> torch.Tensor:
     total = weighted_sum(job.deltas, job.weights)
@@ -44,15 +48,15 @@ def _linear_apply(job: TensorJob, p: LinearParams, ctx: Any, sl: slice) -> torch
     return total
 
 
-LINEAR = Chunked(None, _linear_apply)
+LINEAR = Steps(None, _linear_apply)
 
 
-@merge_method("linear", LinearParams, aliases=("model_soup",), chunked=LINEAR)
+@merge_method("linear", LinearParams, steps=LINEAR)
 def linear(job: TensorJob, p: LinearParams) -> torch.Tensor:
     """Weighted average of the inputs: θ = θ₀ + Σ wᵢΔᵢ / Σ wᵢ (``normalize``, default), else Σ wᵢΔᵢ.
 
     Averaging parameters θᵢ with weights summing to 1 is the same as averaging deltas. With ``normalize`` and
-    Σ wᵢ = 0 the merge is refused by the config validator; here it returns zeros. Compute dtype fp32.
+    Σ wᵢ = 0 the merge is refused before any tensor is read; called directly it returns zeros. Compute dtype fp32.
     Reference: Wortsman et al. 2022 (model soups); mergekit ``linear`` (same semantics).
     """
     return whole(job, p, LINEAR)
@@ -72,10 +76,10 @@ def _task_arithmetic_apply(job: TensorJob, p: TaskArithmeticParams, ctx: Any, sl
     return total.mul_(p.lambda_) if p.lambda_ != 1 else total
 
 
-TASK_ARITHMETIC = Chunked(None, _task_arithmetic_apply)
+TASK_ARITHMETIC = Steps(None, _task_arithmetic_apply)
 
 
-@merge_method("task_arithmetic", TaskArithmeticParams, chunked=TASK_ARITHMETIC)
+@merge_method("task_arithmetic", TaskArithmeticParams, steps=TASK_ARITHMETIC)
 def task_arithmetic(job: TensorJob, p: TaskArithmeticParams) -> torch.Tensor:
     """θ = θ₀ + λ·Σ wᵢΔᵢ (no normalisation). A negative wᵢ removes skill i (task negation).
 

@@ -1,6 +1,6 @@
 """Model Breadcrumbs: drop each Δᵢ's largest outliers and smallest entries, then sum (optionally with TIES signs).
 
-The mask is ``steps.breadcrumbs_mask``; the merge tail is the family's ``combine``.
+The mask is ``steps.breadcrumbs_mask``; the merge tail is ``ties.combine``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from skillgraft.errors import InputError
 from skillgraft.merge import steps
 from skillgraft.merge.methods import family
+from skillgraft.merge.methods.ties import combine
 from skillgraft.merge.registry import TensorJob, merge_method
 
 
@@ -70,16 +71,12 @@ _SHARED_DOC = """
 
 @merge_method("breadcrumbs", BreadcrumbsParams)
 def breadcrumbs(job: TensorJob, p: BreadcrumbsParams) -> torch.Tensor:
-    return family.combine(
-        crumbs(job, p), job.weights, consensus=False, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_
-    )
+    return combine(crumbs(job, p), job.weights, consensus=False, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
 
 
 @merge_method("breadcrumbs_ties", BreadcrumbsParams)
 def breadcrumbs_ties(job: TensorJob, p: BreadcrumbsParams) -> torch.Tensor:
-    return family.combine(
-        crumbs(job, p), job.weights, consensus=True, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_
-    )
+    return combine(crumbs(job, p), job.weights, consensus=True, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
 
 
 breadcrumbs.__doc__ = (

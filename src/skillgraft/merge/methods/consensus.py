@@ -11,7 +11,7 @@ import torch
 
 from skillgraft.errors import InputError
 from skillgraft.merge.methods import family
-from skillgraft.merge.registry import TensorJob, merge_method
+from skillgraft.merge.registry import PlanFacts, TensorJob, merge_method
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,9 @@ class ConsensusParams:
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise InputError(f"consensus: k must be an integer ≥ 1, not {self.k!r}")
 
-    def check_plan(self, n_inputs: int, num_layers: int | None) -> None:
+    def check_plan(self, facts: PlanFacts) -> None:
         """k tasks must be able to agree: with k > the number of inputs the merge would return the base."""
+        n_inputs = facts.n_inputs
         if self.k > n_inputs:
             raise InputError(
                 f"consensus: k = {self.k} but there are {n_inputs} inputs, so no entry could reach consensus "
@@ -42,7 +43,7 @@ def tall_masks(task_vectors: torch.Tensor, mask_lambda: float) -> torch.Tensor:
     return (task_vectors.abs() >= mask_lambda * (mtl - task_vectors).abs()).float()
 
 
-@merge_method("consensus", ConsensusParams, aliases=("tall_masks",))
+@merge_method("consensus", ConsensusParams)
 def consensus(job: TensorJob, p: ConsensusParams) -> torch.Tensor:
     """Consensus merging: Δ = λ · (Σᵢ τᵢ) ⊙ [Σᵢ mᵢ ≥ k], τᵢ = wᵢΔᵢ, mᵢ = |τᵢ| ≥ mask_lambda·|Σⱼτⱼ − τᵢ|.
 

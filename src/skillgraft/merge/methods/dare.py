@@ -12,8 +12,8 @@ import torch
 
 from skillgraft.merge import steps
 from skillgraft.merge.methods import family
-from skillgraft.merge.methods.family import threads
-from skillgraft.merge.registry import Chunked, TensorJob, merge_method, whole
+from skillgraft.merge.methods.ties import combine
+from skillgraft.merge.registry import Steps, TensorJob, merge_method, whole
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def _dare_prepare(job: TensorJob, p: DareParams) -> Any:
 
     # Inputs with their own generators draw in parallel (the generator is single-threaded); a shared one in order.
     parallel = isinstance(job.rng, tuple) and len(set(map(id, job.rng))) == job.n
-    results = threads(one, list(range(job.n))) if parallel else [one(i) for i in range(job.n)]
+    results = job.each(one, list(range(job.n))) if parallel else [one(i) for i in range(job.n)]
     return [m for m, _ in results], [s for _, s in results]
 
 
@@ -79,14 +79,14 @@ def _drop(job: TensorJob, p: DareParams, ctx: Any, sl: slice) -> torch.Tensor:
 
 def _linear_apply(job: TensorJob, p: DareParams, ctx: Any, sl: slice) -> torch.Tensor:
     normalize = bool(p.normalize) if p.normalize is not None else False
-    return family.combine(
+    return combine(
         _drop(job, p, ctx, sl), job.weights, consensus=False, mode=p.mode, normalize=normalize, lambda_=p.lambda_
     )
 
 
 def _ties_apply(job: TensorJob, p: DareParams, ctx: Any, sl: slice) -> torch.Tensor:
     normalize = p.normalize if p.normalize is not None else p.mode == "paper"
-    return family.combine(
+    return combine(
         _drop(job, p, ctx, sl), job.weights, consensus=True, mode=p.mode, normalize=normalize, lambda_=p.lambda_
     )
 
@@ -95,11 +95,11 @@ def _dare_needs_whole(p: DareParams) -> bool:
     return p.density < 1 and p.rescale and p.mode == "mergekit"
 
 
-DARE_LINEAR = Chunked(_dare_prepare, _linear_apply, _dare_needs_whole)
-DARE_TIES = Chunked(_dare_prepare, _ties_apply, _dare_needs_whole)
+DARE_LINEAR = Steps(_dare_prepare, _linear_apply, _dare_needs_whole)
+DARE_TIES = Steps(_dare_prepare, _ties_apply, _dare_needs_whole)
 
 
-@merge_method("dare_linear", DareParams, randomized=True, chunked=DARE_LINEAR)
+@merge_method("dare_linear", DareParams, randomized=True, steps=DARE_LINEAR)
 def dare_linear(job: TensorJob, p: DareParams) -> torch.Tensor:
     """DARE + task arithmetic: Δ = λ · Σ wᵢ·DARE(Δᵢ) (÷ Σ wᵢ when ``normalize``; default false in both modes).
 
@@ -119,7 +119,7 @@ def dare_linear(job: TensorJob, p: DareParams) -> torch.Tensor:
     return whole(job, p, DARE_LINEAR)
 
 
-@merge_method("dare_ties", DareParams, randomized=True, chunked=DARE_TIES)
+@merge_method("dare_ties", DareParams, randomized=True, steps=DARE_TIES)
 def dare_ties(job: TensorJob, p: DareParams) -> torch.Tensor:
     """DARE + TIES sign election: Δ = λ · disjoint_merge(elect_sign(DARE(Δᵢ))); DARE replaces the TIES trim.
 

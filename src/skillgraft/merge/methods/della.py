@@ -1,6 +1,6 @@
 """DELLA merging: magnitude-ranked random dropping (MagPrune) with rescale, linear or with TIES signs.
 
-Keep probabilities come from ``steps.della_keep_probs``; the merge tail is the family's ``combine``.
+Keep probabilities come from ``steps.della_keep_probs``; the merge tail is ``ties.combine``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from skillgraft.errors import InputError
 from skillgraft.merge import steps
 from skillgraft.merge.methods import family
+from skillgraft.merge.methods.ties import combine
 from skillgraft.merge.registry import TensorJob, merge_method
 
 
@@ -68,17 +69,13 @@ _SHARED_DOC = """
 @merge_method("della", DellaParams, randomized=True)
 def della(job: TensorJob, p: DellaParams) -> torch.Tensor:
     normalize = p.normalize if p.normalize is not None else True
-    return family.combine(
-        magprune(job, p), job.weights, consensus=True, mode=p.mode, normalize=normalize, lambda_=p.lambda_
-    )
+    return combine(magprune(job, p), job.weights, consensus=True, mode=p.mode, normalize=normalize, lambda_=p.lambda_)
 
 
 @merge_method("della_linear", DellaParams, randomized=True)
 def della_linear(job: TensorJob, p: DellaParams) -> torch.Tensor:
     normalize = p.normalize if p.normalize is not None else False
-    return family.combine(
-        magprune(job, p), job.weights, consensus=False, mode=p.mode, normalize=normalize, lambda_=p.lambda_
-    )
+    return combine(magprune(job, p), job.weights, consensus=False, mode=p.mode, normalize=normalize, lambda_=p.lambda_)
 
 
 della.__doc__ = (

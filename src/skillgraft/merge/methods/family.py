@@ -1,6 +1,7 @@
-"""The shared tail of the sparsify-then-merge family (TIES, DARE, Breadcrumbs, DELLA) and parameter checks.
+"""Parameter checks shared by the merge methods, and the per-input map of the sparsify-then-merge family.
 
-A family member sparsifies each Δᵢ with its own step, then calls ``combine`` (optional sign election + merge + λ).
+A family member (TIES, DARE, Breadcrumbs, DELLA) sparsifies each Δᵢ with its own step, then calls
+``ties.combine`` (optional sign election + merge + λ).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Any
 import torch
 
 from skillgraft.errors import InputError
-from skillgraft.merge import steps
 
 MODES = ("paper", "mergekit")
 
@@ -46,43 +46,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def combine(
-    deltas: torch.Tensor, weights: torch.Tensor, *, consensus: bool, mode: str, normalize: bool, lambda_: float
-) -> torch.Tensor:
-    """Merge sparsified ``deltas`` ``[n, *shape]``; the rules of each ``mode``:
-
-    * consensus, paper: sign elected on *unweighted* deltas; Σ wᵢmᵢΔᵢ, divided by the count Σ mᵢ when ``normalize``.
-    * consensus, mergekit: sign elected on (and agreement judged by) *weighted* deltas; Σ wᵢmᵢΔᵢ, divided by
-      Σ wᵢmᵢ when ``normalize``.
-    * no consensus (both): Σ wᵢΔᵢ, divided by Σ wᵢ when ``normalize``.
-    Then × λ. A zero divisor counts as 1, so entries nobody keeps merge to 0.
-    """
-    if consensus:
-        weighted = None
-        if mode == "mergekit":  # sign and agreement both on the weighted deltas wᵢΔᵢ
-            weighted = deltas * weights.reshape(-1, *([1] * (deltas.dim() - 1)))
-            mask = steps.agreement_mask(weighted, steps.elect_sign(weighted))
-        else:
-            mask = steps.agreement_mask(deltas, steps.elect_sign(deltas))
-        divide_by = "weight" if mode == "mergekit" else "count"
-        reduce = "mean" if normalize else "sum"
-        merged = steps.disjoint_merge(deltas, mask, weights, reduce, divide_by, weighted=weighted)
-    else:
-        merged = steps.weighted_total(deltas, weights, normalize)
-    return merged * lambda_ if lambda_ != 1 else merged
-
-
 def per_input(deltas: torch.Tensor, fn: Any) -> torch.Tensor:
     """Apply a one-tensor step ``fn(Δᵢ, i)`` to each input and stack the results."""
     return torch.stack([fn(deltas[i], i) for i in range(deltas.shape[0])])
-
-
-def threads(fn: Any, items: list) -> list:
-    """Map ``fn`` over ``items`` in threads (torch releases the GIL; sorts, histograms and seeded draws are
-    single-threaded, so per-input work runs side by side)."""
-    if len(items) < 2:
-        return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(len(items), 4)) as pool:
-        return list(pool.map(fn, items))

@@ -13,6 +13,7 @@ from skillgraft.errors import InputError
 from skillgraft.merge import steps
 from skillgraft.merge.methods import family
 from skillgraft.merge.registry import TensorJob, merge_method
+from skillgraft.merge.stats import statistics_pass
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class FisherParams:
         family.check_number("fisher", "floor", self.floor, 0.0)
 
 
-@merge_method("fisher", FisherParams, stats="fisher")
+@merge_method("fisher", FisherParams, stats="fisher", model_pass=statistics_pass)
 def fisher(job: TensorJob, p: FisherParams) -> torch.Tensor:
     """Fisher merging: Δ = Σᵢ wᵢF̃ᵢ⊙Δᵢ / Σᵢ wᵢF̃ᵢ, F̃ᵢ = max(Fᵢ/‖Fᵢ‖₂, floor) elementwise.
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from skillgraft.errors import InputError
-from skillgraft.merge.registry import TensorJob, merge_method
+from skillgraft.merge.registry import PlanFacts, TensorJob, merge_method
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,9 @@ class LayerSwapParams:
                 raise InputError(f"layer_swap: layer ranges [{s0}, {e0}) and [{s1}, {e1}) overlap")
         object.__setattr__(self, "ranges", parsed)
 
-    def check_plan(self, n_inputs: int, num_layers: int | None) -> None:
+    def check_plan(self, facts: PlanFacts) -> None:
         """Every index names an input and every range lies within the model's blocks."""
+        n_inputs, num_layers = facts.n_inputs, facts.num_layers
         hint = f"inputs are numbered from 0 to {n_inputs - 1}, in config order"
         if self.default >= n_inputs:
             raise InputError(f"layer_swap: default is input {self.default}, but there are {n_inputs} inputs", hint=hint)

@@ -12,6 +12,7 @@ import torch
 from skillgraft.merge import steps
 from skillgraft.merge.methods import family
 from skillgraft.merge.registry import TensorJob, merge_method
+from skillgraft.merge.stats import statistics_pass
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ def shrink_gram(g: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * g + (1 - alpha) * torch.diag_embed(torch.diagonal(g))
 
 
-@merge_method("regmean", RegMeanParams, stats="gram")
+@merge_method("regmean", RegMeanParams, stats="gram", model_pass=statistics_pass)
 def regmean(job: TensorJob, p: RegMeanParams) -> torch.Tensor:
     """RegMean: ΔW = (Σᵢ wᵢΔᵢG̃ᵢ)(Σᵢ wᵢG̃ᵢ)⁻¹ for a Linear weight W ``[out, in]``; G̃ᵢ = shrunk Gram XᵢᵀXᵢ ``[in, in]``.
 

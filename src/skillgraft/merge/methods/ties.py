@@ -1,6 +1,10 @@
-"""TIES merging (trim, elect sign, disjoint merge) and plain magnitude pruning.
+"""TIES merging (trim, elect sign, disjoint merge) and plain magnitude pruning, all of it in this file.
 
-Both trim each Δᵢ by magnitude; ``mode`` picks the paper's or mergekit 0.1.5's exact rules.
+Both trim each Δᵢ by magnitude; ``mode`` picks the paper's or mergekit 0.1.5's exact rules. The pieces, in the
+order the engine runs them: ``global_thresholds`` (the whole-model pass, ``trim_scope: global`` only), then per
+tensor ``prepare_trim`` (thresholds or exactly-k keep plans), then per slice ``apply_trim`` and ``combine`` (sign
+election + disjoint merge + λ, shared with DARE, Breadcrumbs and DELLA). The numeric kernels (k-th magnitude,
+position trim) are in ``merge/steps.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import torch
 from skillgraft.errors import InputError
 from skillgraft.merge import steps
 from skillgraft.merge.methods import family
-from skillgraft.merge.registry import Chunked, TensorJob, merge_method, whole
+from skillgraft.merge.registry import ModelPass, Steps, TensorJob, merge_method, whole
+from skillgraft.progress import ProgressFn
 
 
 @dataclass(frozen=True)
@@ -64,15 +69,15 @@ def prepare_trim(
         return None
     rows = list(job.deltas)
     if mode == "mergekit":
-        plans = family.threads(lambda d: steps.position_trim_plan(d, density), rows)
+        plans = job.each(lambda d: steps.position_trim_plan(d, density), rows)
         sort = [i for i, plan in enumerate(plans) if tie_break == "argsort" and plan[0] > 0]
         exact = lambda i: steps.exact_keep_mask(rows[i], density)  # noqa: E731
         # A sort holds ~16 bytes per entry: side by side only while that stays small (peak memory over speed).
-        masks = family.threads(exact, sort) if job.deltas[0].numel() <= 1 << 23 else [exact(i) for i in sort]
+        masks = job.each(exact, sort) if job.deltas[0].numel() <= 1 << 23 else [exact(i) for i in sort]
         for i, mask in zip(sort, masks):
             plans[i] = mask
         return ("exact", plans)
-    return ("threshold", _column(family.threads(lambda d: steps.magnitude_threshold(d, density), rows)))
+    return ("threshold", _column(job.each(lambda d: steps.magnitude_threshold(d, density), rows)))
 
 
 def _column(thresholds: Any) -> torch.Tensor:
@@ -97,19 +102,88 @@ def apply_trim(job: TensorJob, ctx: Any, sl: slice) -> torch.Tensor:
     return steps.trim_by_threshold(job.deltas, per_input)
 
 
+def combine(
+    deltas: torch.Tensor, weights: torch.Tensor, *, consensus: bool, mode: str, normalize: bool, lambda_: float
+) -> torch.Tensor:
+    """Merge sparsified ``deltas`` ``[n, *shape]``; the rules of each ``mode``:
+
+    * consensus, paper: sign elected on *unweighted* deltas; Σ wᵢmᵢΔᵢ, divided by the count Σ mᵢ when ``normalize``.
+    * consensus, mergekit: sign elected on (and agreement judged by) *weighted* deltas; Σ wᵢmᵢΔᵢ, divided by
+      Σ wᵢmᵢ when ``normalize``.
+    * no consensus (both): Σ wᵢΔᵢ, divided by Σ wᵢ when ``normalize``.
+    Then × λ. A zero divisor counts as 1, so entries nobody keeps merge to 0.
+    """
+    if consensus:
+        weighted = None
+        if mode == "mergekit":  # sign and agreement both on the weighted deltas wᵢΔᵢ
+            weighted = deltas * weights.reshape(-1, *([1] * (deltas.dim() - 1)))
+            mask = steps.agreement_mask(weighted, steps.elect_sign(weighted))
+        else:
+            mask = steps.agreement_mask(deltas, steps.elect_sign(deltas))
+        divide_by = "weight" if mode == "mergekit" else "count"
+        reduce = "mean" if normalize else "sum"
+        merged = steps.disjoint_merge(deltas, mask, weights, reduce, divide_by, weighted=weighted)
+    else:
+        merged = steps.weighted_total(deltas, weights, normalize)
+    return merged * lambda_ if lambda_ != 1 else merged
+
+
+class Thresholds(ModelPass):
+    """Per-input whole-model trim thresholds, given to every tensor's job as ``job.thresholds``."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = tuple(values)
+
+    def fields(self, name: str) -> dict:
+        return {"thresholds": self.values}
+
+
+def global_thresholds(plan: Any, density: float, progress: ProgressFn) -> Thresholds:
+    """Per input, the magnitude t such that |Δᵢ| ≥ t keeps ``density`` of the whole model's entries.
+
+    One streaming pass over every tensor builds a histogram of the top 16 bits of each |Δ| in fp32 (sign,
+    exponent, 7 mantissa bits): the threshold is exact to bf16 resolution, so slightly more than k entries may pass.
+    """
+    n = len(plan.sources)
+    hist = [torch.zeros(1 << 15, dtype=torch.int64) for _ in range(n)]
+    total = 0
+    for k, t in enumerate(plan.tensors):
+        progress("trim thresholds", k, len(plan.tensors))
+        total += t.numel
+        if not t.users:
+            continue
+        base = plan.base.get(t.name)
+        for i in t.users:
+            bits = plan.sources[i].delta(t.name, base).abs().reshape(-1).view(torch.int32) >> 16
+            hist[i] += torch.bincount(bits, minlength=1 << 15)
+    progress("trim thresholds", len(plan.tensors), len(plan.tensors))
+    keep = max(1, int(density * total))
+    out = []
+    for h in hist:
+        from_top = torch.cumsum(h.flip(0), 0)  # entries at or above each bin, highest bin first
+        idx = int(torch.searchsorted(from_top, keep))
+        b = (1 << 15) - 1 - min(idx, (1 << 15) - 1)
+        out.append(float(torch.tensor([b << 16], dtype=torch.int32).view(torch.float32)))
+    return Thresholds(out)
+
+
+def _ties_model_pass(plan: Any, p: TiesParams, progress: ProgressFn) -> Thresholds | None:
+    return global_thresholds(plan, p.density, progress) if p.trim_scope == "global" else None
+
+
 def _ties_prepare(job: TensorJob, p: TiesParams) -> Any:
     return prepare_trim(job, p.density, p.mode, p.trim_scope, p.tie_break)
 
 
 def _ties_apply(job: TensorJob, p: TiesParams, ctx: Any, sl: slice) -> torch.Tensor:
     trimmed = apply_trim(job, ctx, sl)
-    return family.combine(trimmed, job.weights, consensus=True, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
+    return combine(trimmed, job.weights, consensus=True, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
 
 
-TIES = Chunked(_ties_prepare, _ties_apply, lambda p: p.trim_scope != "global" and p.density < 1)
+TIES = Steps(_ties_prepare, _ties_apply, lambda p: p.trim_scope != "global" and p.density < 1, _ties_model_pass)
 
 
-@merge_method("ties", TiesParams, global_trim=True, chunked=TIES)
+@merge_method("ties", TiesParams, steps=TIES)
 def ties(job: TensorJob, p: TiesParams) -> torch.Tensor:
     """TIES: Δ = λ · disjoint_merge(elect_sign(trim(Δᵢ))).
 
@@ -155,15 +229,15 @@ class MagnitudePruneParams:
 
 def _prune_apply(job: TensorJob, p: MagnitudePruneParams, ctx: Any, sl: slice) -> torch.Tensor:
     trimmed = apply_trim(job, ctx, sl)
-    return family.combine(trimmed, job.weights, consensus=False, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
+    return combine(trimmed, job.weights, consensus=False, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
 
 
-PRUNE = Chunked(
+PRUNE = Steps(
     lambda job, p: prepare_trim(job, p.density, p.mode, tie_break=p.tie_break), _prune_apply, lambda p: p.density < 1
 )
 
 
-@merge_method("magnitude_prune", MagnitudePruneParams, chunked=PRUNE)
+@merge_method("magnitude_prune", MagnitudePruneParams, steps=PRUNE)
 def magnitude_prune(job: TensorJob, p: MagnitudePruneParams) -> torch.Tensor:
     """Magnitude pruning then task arithmetic: Δ = λ · Σ wᵢ·trim(Δᵢ) (÷ Σ wᵢ when ``normalize``). No sign election.
 

@@ -1,0 +1,225 @@
+"""Planning a merge: open every input (headers, manifests, adapter configs — no weights) and validate the whole
+request before any tensor is read. :mod:`skillgraft.merge.engine` runs the plan.
+
+Nothing here names a method or a parameter: methods check what they need through their parameters'
+``check_plan(PlanFacts)`` and say through ``supplier(layer)`` when each tensor comes from one input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skillgraft.errors import InputError
+from skillgraft.io.checkpoint import Checkpoint
+from skillgraft.io.writer import check_output
+from skillgraft.merge.config import MergeConfig
+from skillgraft.merge.registry import MethodInfo, ModelPass, PlanFacts, get_method
+from skillgraft.merge.sources import DeltaSource, check_source_fits, detect, open_source
+from skillgraft.skill.apply import check_fit
+from skillgraft.skill.fingerprint import fingerprint_checkpoint, fingerprint_tokenizer
+
+OUT_FORMATS = ("hf", "skill", "lora")
+LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer|block)\.(\d+)\.")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to run a merge (everything that is not the merge itself)."""
+
+    out: Path | None  # None: in memory (:func:`skillgraft.merge.engine.merge_in_memory`)
+    out_format: str = "hf"
+    rank: int | None = None  # for out_format="lora"
+    overwrite: bool = False
+    force: bool = False  # apply skills made for another base
+    seed: int | None = None  # overrides the config's seed
+    library: Path | None = None
+    allow_pickle: bool = False
+    # --dry-run: read no weights, so skill packs' base fingerprints (a hash of every base weight) go unchecked
+    dry_run: bool = False
+    max_shard_bytes: int = 2 * 1024**3
+    threads: int | None = None  # None: the cores this process may run on
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+    users: tuple[int, ...]  # indices of the inputs that change this tensor
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def out_bytes(self) -> int:
+        return self.numel * self.out_dtype.itemsize
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: MethodInfo
+    params: Any
+    base: Checkpoint
+    sources: list[DeltaSource]
+    tensors: list[TensorPlan]
+    num_layers: int | None
+    seed: int
+    unchecked_fingerprints: tuple[str, ...] = ()  # skill inputs whose base fingerprint a dry run did not check
+    warnings: tuple[str, ...] = ()  # what could not be checked at all (a pack without a base fingerprint)
+    model_pass: ModelPass | None = None  # what the method's whole-model pass found (set by the engine)
+    resources: list[Any] = field(default_factory=list)  # temp dirs and files released with the plan
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(t.out_bytes for t in self.tensors)
+
+    def describe(self) -> dict:
+        """The dry-run report: per-tensor sources, method and output size (no weights read)."""
+        rows = []
+        for t in self.tensors:
+            srcs = [f"{self.sources[i].label}:{self.sources[i].describe(t.name)}" for i in t.users]
+            rows.append(
+                {
+                    "tensor": t.name,
+                    "shape": list(t.shape),
+                    "out_dtype": str(t.out_dtype).split(".")[-1],
+                    "inputs": srcs,
+                    "action": "merge" if t.users else "copy base",
+                    "bytes": t.out_bytes,
+                }
+            )
+        return {
+            "method": self.method.name,
+            "parameters": dataclasses.asdict(self.params),
+            "inputs": [
+                {**i.to_dict(), "source": s.label, "kind": s.kind} for s, i in zip(self.sources, self.config.inputs)
+            ],
+            "tensors": rows,
+            "merged_tensors": sum(1 for t in self.tensors if t.users),
+            "total_tensors": len(self.tensors),
+            "expected_output_bytes": self.out_bytes,
+            "fingerprints_not_checked": list(self.unchecked_fingerprints),
+            "warnings": list(self.warnings),
+        }
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+        if self.model_pass is not None:
+            self.model_pass.close()
+            self.model_pass = None
+        for r in self.resources:
+            r.cleanup() if hasattr(r, "cleanup") else r.close()
+        self.resources.clear()
+        self.base.close()
+
+
+def _check_counts(info: MethodInfo, config: MergeConfig) -> None:
+    n = len(config.inputs)
+    if n < info.min_inputs or (info.max_inputs is not None and n > info.max_inputs):
+        want = f"exactly {info.min_inputs}" if info.min_inputs == info.max_inputs else f"at least {info.min_inputs}"
+        raise InputError(f"merge method {info.name!r} takes {want} input(s), the config gives {n}")
+
+
+def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
+    """Validate the whole merge before reading any tensor; returns the plan (inputs opened lazily)."""
+    if opts.out_format not in OUT_FORMATS:
+        raise InputError(f"unknown output format {opts.out_format!r}", hint=f"use one of {', '.join(OUT_FORMATS)}")
+    if opts.out_format == "lora" and (opts.rank is None or opts.rank < 1):
+        raise InputError("--out-format lora needs --rank R (R >= 1)")
+    if opts.threads is not None and opts.threads < 1:
+        raise InputError(f"threads must be at least 1, not {opts.threads}")
+    info = get_method(config.method)
+    params = info.make_params(dict(config.parameters))
+    _check_counts(info, config)
+    if info.stats and not config.examples:
+        raise InputError(f"merge method {info.name!r} needs examples", hint="set 'examples: FILE.jsonl' in the config")
+    if config.examples and not Path(config.examples).exists():
+        raise InputError(f"examples file {config.examples} does not exist")
+    if opts.out is not None:
+        check_output(Path(opts.out), opts.overwrite)
+    refs = [detect(i.source, opts.library) for i in config.inputs]
+    base = Checkpoint(config.base, opts.allow_pickle)
+    sources: list[DeltaSource] = []
+    try:
+        num_layers = count_layers(base)
+        check_plan = getattr(params, "check_plan", None)  # checks that need the inputs or the model's size
+        if check_plan is not None:
+            check_plan(PlanFacts(len(config.inputs), num_layers, tuple(i.weight for i in config.inputs)))
+        # A method that takes each tensor from one input (layer_swap) names it; only that input is read.
+        supplier = getattr(params, "supplier", None)
+        shapes = {n: base.shape(n) for n in base.names()}
+        fp = None
+        unchecked: list[str] = []
+        notes: list[str] = []
+        tokenizer = fingerprint_tokenizer(base.path)  # read once, not per input
+        for ref in refs:
+            src = open_source(ref, opts.library, opts.allow_pickle)
+            sources.append(src)
+            check_source_fits(src, shapes)
+            if src.kind == "skill":
+                pack = src.pack  # type: ignore[attr-defined]
+                if not opts.force and pack.manifest.base.fingerprint:
+                    if opts.dry_run:
+                        unchecked.append(src.label)  # names and shapes are still checked below
+                    else:
+                        fp = fp or fingerprint_checkpoint(base).content
+                notes += check_fit(pack, shapes, fp, opts.force, tokenizer)
+        tensors = []
+        for name in base.names():
+            in_dtype = base.dtype(name)
+            out_dtype = TORCH_DTYPES[config.out_dtype] if config.out_dtype and in_dtype.is_floating_point else in_dtype
+            users = tuple(i for i, s in enumerate(sources) if name in s.names())
+            if supplier is not None:
+                users = tuple(i for i in users if i == supplier(layer_of(name)))
+            tensors.append(TensorPlan(name, shapes[name], in_dtype, out_dtype, users))
+    except BaseException:
+        for s in sources:
+            s.close()
+        base.close()
+        raise
+    seed = config.seed if opts.seed is None else opts.seed
+    plan = MergePlan(config, info, params, base, sources, tensors, num_layers, seed)
+    plan.unchecked_fingerprints = tuple(unchecked)
+    plan.warnings = tuple(notes)
+    return plan
+
+
+def count_layers(base: Checkpoint) -> int | None:
+    """The number of transformer blocks: config.json's ``num_hidden_layers`` / ``n_layer``, else one more than the
+    highest block index in the tensor names (None when no name has one)."""
+    n = base.config.get("num_hidden_layers") or base.config.get("n_layer")
+    if isinstance(n, int) and n > 0:
+        return n
+    layers = [i for i in map(layer_of, base.names()) if i is not None]
+    return max(layers) + 1 if layers else None
+
+
+def layer_of(name: str) -> int | None:
+    """The transformer block index in a tensor name (None for embeddings, the final norm, …)."""
+    m = LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from the run's seed and the tensor name: reproducible and order independent."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def input_rngs(seed: int, name: str, n: int) -> tuple[torch.Generator, ...]:
+    """One generator per input for tensor ``name``: draws depend on neither tensor order nor slicing."""
+    return tuple(torch.Generator().manual_seed(tensor_seed(seed, f"{name}\0{i}")) for i in range(n))
