@@ -61,8 +61,8 @@ def test_trim_tie_breaking_kthvalue_vs_argsort() -> None:
     # |Δ| = [0.3, 0.3, 0.3, 0.1], density 0.5 → k = 2. The kthvalue threshold (2nd largest = 0.3) keeps all three
     # tied entries; the argsort (mergekit) trim keeps exactly two of them.
     d = t(0.3, -0.3, 0.3, 0.1)
-    assert_close(steps.trim_magnitude(d, 0.5), t(0.3, -0.3, 0.3, 0.0))
-    exact = steps.trim_magnitude_exact(d, 0.5)
+    assert_close(merge("magnitude_prune", [d.tolist()], [1.0], density=0.5), t(0.3, -0.3, 0.3, 0.0))
+    exact = merge("magnitude_prune", [d.tolist()], [1.0], density=0.5, mode="mergekit")
     assert int((exact != 0).sum()) == 2 and set(exact.abs()[exact != 0].tolist()) == {0.30000001192092896}
 
 

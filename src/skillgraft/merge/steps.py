@@ -97,23 +97,6 @@ def trim_by_threshold(delta: torch.Tensor, threshold: float | torch.Tensor) -> t
     return delta * mask01(torch.ge, delta.abs(), threshold)
 
 
-def trim_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Paper trim of one tensor: keep the top ``density`` fraction of |Δ| via a ``kthvalue`` threshold.
-
-    Entries tied with the k-th largest magnitude are all kept, so slightly more than k may survive.
-    """
-    if density >= 1:
-        return delta.clone()
-    return trim_by_threshold(delta, magnitude_threshold(delta, density))
-
-
-def trim_magnitude_exact(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """mergekit-compatible trim: exactly k entries, ties broken like ``argsort(|Δ|, descending=True)[:k]``."""
-    if density >= 1:
-        return delta.clone()
-    return delta * exact_keep_mask(delta, density).reshape_as(delta)
-
-
 def exact_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Flat boolean mask of the k = ``keep_count`` entries that ``argsort(|Δ|, descending=True)[:k]`` picks.
 

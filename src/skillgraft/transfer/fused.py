@@ -42,17 +42,12 @@ class GenerationSpec:
 
 @dataclass
 class ExpertPair:
-    """A small fine-tuned model, the small base it was tuned from, and α (a number or a per-step schedule)."""
+    """A small fine-tuned model, the small base it was tuned from, and the weight α of its logit offset."""
 
     expert: Any
     base: Any
-    alpha: float | tuple[float, ...] = 1.0
+    alpha: float = 1.0
     label: str = "expert"
-
-    def alpha_at(self, step: int) -> float:
-        if isinstance(self.alpha, (int, float)):
-            return float(self.alpha)
-        return float(self.alpha[min(step, len(self.alpha) - 1)])
 
 
 def _encode(tok: Any, prompts: list[str], special: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +138,7 @@ class FusedModel:
         self.tokens_generated = 0  # batch rows × decoding steps of the last generate() call
         self.draft_stats = (0, 0)  # (rounds, accepted drafts) of the last speculative generate()
 
-    def _small_models(self) -> list[Any]:
+    def small_models(self) -> list[Any]:
         """Distinct small models (an expert base shared by several experts runs once per step)."""
         seen: dict[int, Any] = {}
         for p in self.experts:
@@ -171,7 +166,7 @@ class FusedModel:
 
     def _remote_models(self) -> list[Any]:
         """The small models the worker runs (all but one that is the large model itself)."""
-        return [m for m in self._small_models() if m is not self.large]
+        return [m for m in self.small_models() if m is not self.large]
 
     def _start_worker(self) -> tuple[SmallWorker, tuple[int, int]]:
         if self._worker is None:
@@ -192,19 +187,14 @@ class FusedModel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _scores(self, logits: dict[int, torch.Tensor], step: int | torch.Tensor) -> torch.Tensor:
-        """Fused scores of one position; ``step`` (the token's index in the output, or one per row) picks
-        each pair's α from its schedule."""
+    def scores(self, logits: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Fused scores of one position from every model's logits there (keyed by ``id(model)``)."""
         v = self.vocab
         zl = logits[id(self.large)][:, :v]
         ze = [logits[id(p.expert)][:, :v] for p in self.experts]
         zb = [logits[id(p.base)][:, :v] for p in self.experts]
-        if isinstance(step, int):
-            alphas = torch.tensor([[p.alpha_at(step) for p in self.experts]], dtype=torch.float32).reshape(1, -1)
-            alphas = alphas.expand(zl.shape[0], -1)
-        else:
-            rows = [[p.alpha_at(int(s)) for p in self.experts] for s in step]
-            alphas = torch.tensor(rows, dtype=torch.float32).reshape(zl.shape[0], -1)
+        alphas = torch.tensor([[float(p.alpha) for p in self.experts]], dtype=torch.float32).reshape(1, -1)
+        alphas = alphas.expand(zl.shape[0], -1)
         gate = self._gate if self.gate or self.router is not None else None
         if gate is not None and gate.shape[0] != zl.shape[0]:  # loglik scores one prompt's target positions
             gate = gate.expand(zl.shape[0], -1)
@@ -227,7 +217,7 @@ class FusedModel:
 
     def _generate(self, prompts: list[str], spec: GenerationSpec, worker: SmallWorker | None) -> list[str]:
         remote = self._remote_models() if worker is not None else []
-        models = [m for m in [self.large, *self._small_models()] if not any(m is r for r in remote)]
+        models = [m for m in [self.large, *self.small_models()] if not any(m is r for r in remote)]
         enc = self._encodings(prompts, [*models, *remote])
         ids, mask = enc[id(self.large)]  # (without chat, every model's)
         streams = {id(m): new_stream(m, enc[id(m)][1]) for m in models}
@@ -235,7 +225,7 @@ class FusedModel:
         if self.router is not None:
             self._gate = self.router(prompts)
         if self.gate:  # the small models' prefill keeps every position's logits for the gate
-            full = {id(m): forward(streams[id(m)], ids, every=True) for m in self._small_models()}
+            full = {id(m): forward(streams[id(m)], ids, every=True) for m in self.small_models()}
             self._gate = self._prompt_gate(ids, mask, full)
             logits = {k: v[:, -1] for k, v in full.items()}
             logits.update({k: forward(s, ids) for k, s in streams.items() if k not in logits})
@@ -256,8 +246,8 @@ class FusedModel:
         out = torch.empty(len(prompts), 0, dtype=torch.long)
         done = torch.zeros(len(prompts), dtype=torch.bool)
         self.last_alphas = []
-        for step in range(spec.max_new_tokens):
-            nxt = _sample(self._scores(logits, step), spec, gen)
+        for _ in range(spec.max_new_tokens):
+            nxt = _sample(self.scores(logits), spec, gen)
             nxt = torch.where(done, torch.full_like(nxt, eos if eos is not None else 0), nxt)
             out = torch.cat([out, nxt[:, None]], 1)
             done |= nxt == eos if eos is not None else torch.zeros_like(done)
@@ -318,7 +308,7 @@ class FusedModel:
         for prompt, target in pairs:
             t_ids = self.tok(target, add_special_tokens=False).input_ids
             per_model, full = {}, {}
-            for m in [self.large, *self._small_models()]:
+            for m in [self.large, *self.small_models()]:
                 m_ids = self._tokenizer_of(m)(self._prompt_texts(m, [prompt])[0], add_special_tokens=False).input_ids
                 full[id(m)] = m(input_ids=torch.tensor([m_ids + t_ids])).logits.float()
                 per_model[id(m)] = full[id(m)][0, len(m_ids) - 1 : -1]
@@ -330,7 +320,7 @@ class FusedModel:
                 )
             if self.router is not None:
                 self._gate = self.router([prompt])
-            scores = self._scores(per_model, 0)
+            scores = self.scores(per_model)
             lp = torch.log_softmax(scores, -1)
             tgt = torch.tensor(t_ids)
             total = float(lp[torch.arange(len(t_ids)), tgt].sum())

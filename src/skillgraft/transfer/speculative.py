@@ -40,8 +40,8 @@ def generate(fm: FusedModel, streams: dict[int, Stream], first: dict[int, torch.
     """
     batch = next(iter(first.values())).shape[0]
     large = id(fm.large)
-    small = [id(m) for m in fm._small_models() if id(m) != large]  # the large model may double as a base
-    pending = fm._scores(first, 0).argmax(-1)
+    small = [id(m) for m in fm.small_models() if id(m) != large]  # the large model may double as a base
+    pending = fm.scores(first).argmax(-1)
     outs: list[list[int]] = [[int(t)] for t in pending]
     done = torch.tensor([_finished(fm, o, spec) for o in outs])
     rounds = accepted = 0
@@ -65,9 +65,7 @@ def generate(fm: FusedModel, streams: dict[int, Stream], first: dict[int, torch.
         # 3. the fused greedy token at every position; per row, drafts accepted while they match it
         greedy = torch.stack(
             [
-                fm._scores(
-                    {large: large_logits[:, j], **{i: v[j] for i, v in small_logits.items()}}, emitted + j
-                ).argmax(-1)
+                fm.scores({large: large_logits[:, j], **{i: v[j] for i, v in small_logits.items()}}).argmax(-1)
                 for j in range(steps + 1)
             ],
             1,
@@ -112,7 +110,7 @@ def _finished(fm: FusedModel, ids: list[int], spec: GenerationSpec) -> bool:
 
 
 def _draft_scores(fm: FusedModel, logits: dict[int, torch.Tensor]) -> torch.Tensor:
-    """The small-scale fusion z_base₁ + Σₜ αₜ (z_expert,t − z_base,t) with each pair's static α at step 0.
+    """The small-scale fusion z_base₁ + Σₜ αₜ (z_expert,t − z_base,t) with each pair's α.
 
     ``logits`` holds the small models only; a pair whose model is the large one (a test set-up) is left out,
     and with the first base missing the draft is the first expert alone."""
@@ -123,5 +121,5 @@ def _draft_scores(fm: FusedModel, logits: dict[int, torch.Tensor]) -> torch.Tens
     z = anchor[:, :v].clone()
     for p in fm.experts:
         if id(p.expert) in logits and id(p.base) in logits:
-            z += p.alpha_at(0) * (logits[id(p.expert)][:, :v] - logits[id(p.base)][:, :v])
+            z += p.alpha * (logits[id(p.expert)][:, :v] - logits[id(p.base)][:, :v])
     return z

@@ -59,8 +59,9 @@ def prepare_trim(
     None keeps everything.
 
     With ``tie_break: argsort`` the sort runs only where it can matter: when the k-th largest |Δᵢ| is 0 the
-    tied entries are zeros, which are the same value kept or dropped, so the position plan gives argsort's
-    result bit for bit (bf16 fine-tunes often change fewer than half their entries)."""
+    tied entries are zeros, which are the same value kept or dropped (bf16 fine-tunes often change fewer than
+    half their entries), and when every entry equal to the k-th magnitude is kept there is no choice to make;
+    in both cases the position plan gives argsort's result bit for bit."""
     if trim_scope == "global":
         if job.thresholds is None or len(job.thresholds) != job.n:
             raise InputError(f"{job.name}: trim_scope 'global' needs whole-model thresholds from the merge engine")
@@ -70,7 +71,9 @@ def prepare_trim(
     rows = list(job.deltas)
     if mode == "mergekit":
         plans = job.each(lambda d: steps.position_trim_plan(d, density), rows)
-        sort = [i for i, plan in enumerate(plans) if tie_break == "argsort" and plan[0] > 0]
+        # argsort's first k are every |Δ| > t and m of the entries equal to t; its choice among those can only
+        # matter when some are dropped (more than m of them) and they are not zeros (t > 0).
+        sort = [i for i, (t, m, before) in enumerate(plans) if tie_break == "argsort" and t > 0 and before[-1] > m]
         exact = lambda i: steps.exact_keep_mask(rows[i], density)  # noqa: E731
         # A sort holds ~16 bytes per entry: side by side only while that stays small (peak memory over speed).
         masks = job.each(exact, sort) if job.deltas[0].numel() <= 1 << 23 else [exact(i) for i in sort]
@@ -196,7 +199,8 @@ def ties(job: TensorJob, p: TiesParams) -> torch.Tensor:
     * **mergekit** (0.1.5, bit-exact): per-tensor trim of exactly k entries by ``argsort(|Δ|, descending)`` order;
       sign elected on *weighted* deltas wᵢΔᵢ (sum ≥ 0 counts as +); agreement judged on wᵢΔᵢ; Σ wᵢmᵢΔᵢ divided by
       Σ wᵢmᵢ when ``normalize`` (a weighted disjoint mean), else the sum. The sort runs only for inputs whose
-      k-th largest |Δ| is nonzero: at 0 the tied entries are zeros, kept or dropped alike. ``tie_break:
+      k-th largest |Δ| is nonzero and shared by more entries than the k keep: otherwise the tied entries are
+      zeros (kept or dropped alike) or all kept, and the kept set needs no sort. ``tie_break:
       position`` keeps the same exactly-k rule but takes entries tied at a nonzero k-th magnitude in index order
       instead of argsort's (which only a full sort reproduces): never a sort; it differs from mergekit only in
       which of the tied entries survive.
