@@ -59,7 +59,18 @@ SIZE_7B = dict(
     num_key_value_heads=32,
     vocab_size=32000,
 )  # Llama-2-7B
-SIZES = {"1b": SIZE_1B, "tiny": SIZE_TINY}
+SIZE_100M = dict(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    vocab_size=32000,
+)  # ~0.13 B parameters: the dense-delta part
+SIZES = {"1b": SIZE_1B, "100m": SIZE_100M, "tiny": SIZE_TINY}
+# Fine-tunes that change most bf16 entries (long or high-rate training): each entry moves by ~2 % of the
+# tensor's scale, all of ‖Δ‖² dense noise, so the k-th largest |Δ| of a density-0.5 trim is nonzero.
+DENSE = {"rel": 2e-2, "noise": 1.0}
 METHODS = ("task_arithmetic", "ties", "dare_ties")
 DETERMINISTIC = ("task_arithmetic", "ties")
 WEIGHTS = (0.6, 0.4)  # unequal on purpose: exercises weighted sign election and the weighted disjoint mean
@@ -509,6 +520,29 @@ def part_synth(work: Path, a: argparse.Namespace, tools: Tools) -> dict:
     return res
 
 
+def part_dense(work: Path, a: argparse.Namespace, tools: Tools) -> dict:
+    print("== dense deltas: synthetic ~0.13B (base + 2 fine-tunes changing most bf16 entries), TIES", flush=True)
+    base, tunes = work / "dense-base", [work / "dense-ft1", work / "dense-ft2"]
+    stamp = work / "dense.json"
+    want = {"config": SIZE_100M, **DENSE, "seed": a.seed, "version": GEN_VERSION}
+    info = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if info.get("recipe") != want or not all((d / "config.json").exists() for d in (base, *tunes)):
+        g = run_child("generate", {**want, "base": str(base), "tunes": list(map(str, tunes))}, work)
+        info = {"recipe": want, "params": g["params"], "generate_s": g["_wall"], "generate_peak_rss": g["_peak_rss"]}
+        stamp.write_text(json.dumps(info, indent=1))
+    info["stored_bytes"] = _dir_bytes(base)
+    info["shards"] = len(list(base.glob("*.safetensors")))
+    changed = run_child("compare", {"a": str(tunes[0]), "b": str(base), "base": str(base)}, work)
+    info["changed_fraction"] = 1 - changed["identical"]  # entries of fine-tune 1 that differ from the base
+    dense_args = argparse.Namespace(**{**vars(a), "methods": ["ties"], "mk_bf16": False, "own_yaml": True})
+    res = {"model": info, **compare_tools("dense", base, tunes, work, dense_args, tools, a.repeats_1b)}
+    if not a.keep_inputs:
+        for d in (base, *tunes):
+            shutil.rmtree(d, ignore_errors=True)
+        stamp.unlink(missing_ok=True)
+    return res
+
+
 def part_7b(work: Path, a: argparse.Namespace, tools: Tools) -> dict:
     print("== Llama-2-7B shape: base + 3 rank-16 skill packs, TIES (skillgraft only)", flush=True)
     base = work / "syn7b-base"
@@ -726,6 +760,17 @@ def render(data: dict) -> str:
                 for (f1, v1), (f2, v2) in zip(p["self"][:12], p["inclusive"][:12]):
                     lines.append(f"| `{f1}` | {100 * v1:.1f} | `{f2}` | {100 * v2:.1f} |")
                 lines.append("")
+    if "dense" in data:
+        s = data["dense"]
+        mi = s["model"]
+        lines += [
+            f"## Dense deltas: synthetic Llama, {mi['params'] / 1e9:.2f} B parameters (bf16, base + 2 fine-tunes, "
+            f"‖Δ‖/‖W‖ = {mi['recipe']['rel']:g}, all dense noise: {100 * mi['changed_fraction']:.1f}% of fine-tune "
+            "1's entries differ from the base)",
+            "",
+            *_measured(s),
+        ]
+        render_compare("dense", s, lines)
     if "7b" in data:
         s = data["7b"]
         mi = s["model"]
@@ -767,7 +812,7 @@ def render(data: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="synth,7b,smollm", help="comma-separated: synth, 7b, smollm")
+    p.add_argument("--parts", default="synth,7b,smollm", help="comma-separated: synth, dense, 7b, smollm")
     p.add_argument("--workdir", type=Path, default=HERE / "_work", help="models and outputs go in WORKDIR/merge")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--mk-venv", type=Path, default=None, help="venv with mergekit (default WORKDIR/mkvenv)")
@@ -804,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     work = a.workdir / "merge"
     work.mkdir(parents=True, exist_ok=True)
     tools = Tools(a)
-    if ("synth" in parts or "smollm" in parts) and not Path(tools.mk).exists():
+    if ("synth" in parts or "smollm" in parts or "dense" in parts) and not Path(tools.mk).exists():
         p.error(
             f"{tools.mk} not found: python3 -m venv {a.mk_venv} && {a.mk_venv}/bin/pip install "
             "torch==2.13.0 mergekit==0.1.5"
@@ -835,14 +880,14 @@ def main(argv: list[str] | None = None) -> int:
     prev = a.results / "merge_vs_mergekit.json"
     if a.update and prev.exists():  # keep the parts of an earlier run that this run does not redo
         old = json.loads(prev.read_text())
-        data.update({k: v for k, v in old.items() if k in ("synth", "smollm", "7b") and k not in parts})
+        data.update({k: v for k, v in old.items() if k in ("synth", "dense", "smollm", "7b") and k not in parts})
         data["command"] = old.get("command", "") + " ; " + data["command"]
 
     def save() -> None:
         (a.results / "merge_vs_mergekit.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
         (a.results / "merge_vs_mergekit.md").write_text(render(data))
 
-    for part, fn in (("synth", part_synth), ("smollm", part_smollm), ("7b", part_7b)):
+    for part, fn in (("synth", part_synth), ("dense", part_dense), ("smollm", part_smollm), ("7b", part_7b)):
         if part in parts:
             data[part] = fn(work, a, tools)
             data[part]["measured"] = machine()  # --update keeps parts of earlier runs: each says when and where

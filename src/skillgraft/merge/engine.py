@@ -194,6 +194,8 @@ class TensorMerger:
             finally:
                 torch.set_num_threads(1)
 
+        copied = base.dtype != torch.float32  # ``base[sl].float()`` is then a fresh tensor
+
         def run(lane: list[slice], work: torch.Tensor) -> None:
             for sl in lane:
                 b32 = base[sl].float()
@@ -203,8 +205,9 @@ class TensorMerger:
                     d = work[:, : sl.stop - sl.start]
                     self._fill(d, item, b32, sl)
                 job = TensorJob(deltas=d, base=b32 if self.info.needs_base else None, **common)  # type: ignore[arg-type]
-                # not in place: for fp32 checkpoints ``b32`` is the base's own (mapped) memory, which outputs read
-                merged = torch.add(b32, self.steps.apply(job, self.params, ctx, sl))
+                delta = self.steps.apply(job, self.params, ctx, sl)
+                # in place only into a copy: for fp32 checkpoints ``b32`` is the base's own mapped memory
+                merged = b32.add_(delta) if copied else torch.add(b32, delta)
                 lo, hi = torch.aminmax(merged)
                 if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
                     raise NumericError(
