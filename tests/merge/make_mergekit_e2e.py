@@ -63,6 +63,16 @@ CASES: dict[str, tuple[str, dict, dict, float | None]] = {
     "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.05}, {}, None),
     # mergekit's linear averages every listed model, base_model included (a known difference, see the test)
     "linear_base_listed": ("linear", {}, {}, 0.2),
+    # the most common published configs: int8_mask (mergekit stores masks as int8; no number changes)
+    "ties_int8_mask": ("ties", {"density": 0.5}, {"normalize": True, "int8_mask": True}, None),
+    # no density: mergekit keeps every entry (its default density is 1.0), TIES then only elects signs
+    "ties_no_density": ("ties", {}, {}, None),
+    "task_arithmetic_normalize": ("task_arithmetic", {}, {"normalize": True, "lambda": 0.9, "int8_mask": True}, None),
+    # the other sparsifying methods without density: mergekit's default 1.0 keeps every entry here too (DARE and
+    # DELLA then draw nothing, so the outputs are deterministic)
+    "dare_ties_no_density": ("dare_ties", {}, {}, None),
+    "breadcrumbs_ties_no_density": ("breadcrumbs_ties", {}, {}, None),
+    "della_linear_no_density": ("della_linear", {}, {}, None),
 }
 
 

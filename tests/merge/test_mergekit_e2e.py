@@ -24,6 +24,12 @@ MAX_ULPS = {
     # TIES' trim by the same argsort, weighted sign election and weighted disjoint mean; one cast to bf16.
     "task_arithmetic": 0,
     "ties": 0,
+    "ties_int8_mask": 0,
+    "ties_no_density": 0,
+    "task_arithmetic_normalize": 0,  # Σ wᵢΔᵢ, ÷ Σ wᵢ, × λ: mergekit's order
+    "dare_ties_no_density": 0,
+    "breadcrumbs_ties_no_density": 0,
+    "della_linear_no_density": 0,
     "breadcrumbs": 0,
     "breadcrumbs_ties": 0,
     # mergekit averages parameters (Σ wᵢθᵢ / Σ wᵢ; a linear YAML has no base_model, every model is averaged),

@@ -20,7 +20,17 @@ OUR_KEYS = {"base", "method", "parameters", "inputs", "out_dtype", "seed", "exam
 INPUT_KEYS = {"source", "weight", "blocks"}
 MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
 MERGEKIT_MODEL_KEYS = {"model", "parameters"}
-MERGEKIT_PARAMS = {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "t"}
+MERGEKIT_PARAMS = {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "t", "int8_mask"}
+# mergekit's sparsifying methods keep every entry unless ``density`` is given (its default is 1.0, not ours)
+MERGEKIT_DENSITY_METHODS = {
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+}
 MERGEKIT_METHODS = {
     "linear": "linear",
     "task_arithmetic": "task_arithmetic",
@@ -237,6 +247,11 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
                 f"mergekit config: {key!r} given as a gradient or filter list is not supported",
                 hint="use a single number",
             )
+    int8_mask = global_params.pop("int8_mask", False)  # mergekit stores its masks as int8: no number changes
+    if not isinstance(int8_mask, bool):
+        raise InputError(f"mergekit config: int8_mask must be true or false, not {int8_mask!r}")
+    if method in MERGEKIT_DENSITY_METHODS:
+        global_params.setdefault("density", 1.0)
     default_w = global_params.pop("weight", 1.0)
     inputs = tuple(
         MergeInput(str(m["model"]), _weight(p.get("weight", default_w), f"models[{i}]"))

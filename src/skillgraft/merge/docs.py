@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import keyword
 from typing import Any
 
-from skillgraft.merge.registry import MethodInfo, all_methods
+from skillgraft.merge.registry import MethodInfo, all_methods, config_key
 
 HEADER = """# Merge methods
 
@@ -36,7 +35,7 @@ def _section(m: MethodInfo) -> list[str]:
     fields = dataclasses.fields(m.params)
     if fields:
         out += ["| parameter | type | default |", "|---|---|---|"]
-        out += [f"| `{_key(f.name)}` | `{_type(f.type)}` | `{_default(f)}` |" for f in fields]
+        out += [f"| `{config_key(f.name)}` | `{_type(f.type)}` | `{_default(f)}` |" for f in fields]
     else:
         out.append("No parameters.")
     out += ["", inspect.cleandoc(m.doc) if m.doc else "(undocumented)"]
@@ -59,11 +58,6 @@ def _flags(m: MethodInfo) -> list[str]:
         hi = m.max_inputs if m.max_inputs is not None else "any"
         flags.append(f"inputs: {m.min_inputs}–{hi}" if hi != m.min_inputs else f"inputs: exactly {hi}")
     return flags
-
-
-def _key(name: str) -> str:
-    base = name[:-1] if name.endswith("_") else name
-    return base if keyword.iskeyword(base) else name
 
 
 def _type(t: Any) -> str:

@@ -178,8 +178,11 @@ class MethodInfo:
         unknown = sorted(set(values) - fields)
         if unknown:
             near = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
-            hint = f"did you mean {near[0]!r}?" if near else f"{self.name} takes: {', '.join(sorted(fields)) or 'none'}"
-            raise InputError(f"unknown parameter {unknown[0]!r} for merge method {self.name!r}", hint=hint)
+            keys = sorted(map(config_key, fields))
+            hint = (
+                f"did you mean {config_key(near[0])!r}?" if near else f"{self.name} takes: {', '.join(keys) or 'none'}"
+            )
+            raise InputError(f"unknown parameter {config_key(unknown[0])!r} for merge method {self.name!r}", hint=hint)
         for key, value in values.items():
             for v in value if isinstance(value, (list, tuple)) else (value,):
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -193,6 +196,12 @@ class MethodInfo:
             return self.params(**values)
         except TypeError as e:
             raise InputError(f"bad parameters for merge method {self.name!r}: {e}") from e
+
+
+def config_key(field: str) -> str:
+    """A parameter's name as written in a config: ``lambda_`` (a Python keyword plus ``_``) is ``lambda``."""
+    bare = field.removesuffix("_")
+    return bare if bare != field and keyword.iskeyword(bare) else field
 
 
 REGISTRY: dict[str, MethodInfo] = {}

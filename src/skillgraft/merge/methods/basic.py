@@ -65,14 +65,21 @@ def linear(job: TensorJob, p: LinearParams) -> torch.Tensor:
 @dataclass(frozen=True)
 class TaskArithmeticParams:
     lambda_: float = 1.0
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.lambda_, (int, float)) or self.lambda_ != self.lambda_:
             raise InputError(f"task_arithmetic: lambda must be a number, not {self.lambda_!r}")
+        if not isinstance(self.normalize, bool):
+            raise InputError(f"task_arithmetic: normalize must be true or false, not {self.normalize!r}")
 
 
 def _task_arithmetic_apply(job: TensorJob, p: TaskArithmeticParams, ctx: Any, sl: slice) -> torch.Tensor:
     total = weighted_sum(job.deltas, job.weights)
+    if p.normalize:
+        s = float(job.weights.sum())
+        if abs(s) >= 1e-8:  # mergekit's rule: a divisor below 1e-8 in magnitude counts as 1
+            total.div_(s)
     return total.mul_(p.lambda_) if p.lambda_ != 1 else total
 
 
@@ -81,9 +88,10 @@ TASK_ARITHMETIC = Steps(None, _task_arithmetic_apply)
 
 @merge_method("task_arithmetic", TaskArithmeticParams, steps=TASK_ARITHMETIC)
 def task_arithmetic(job: TensorJob, p: TaskArithmeticParams) -> torch.Tensor:
-    """θ = θ₀ + λ·Σ wᵢΔᵢ (no normalisation). A negative wᵢ removes skill i (task negation).
+    """θ = θ₀ + λ·Σ wᵢΔᵢ; with ``normalize`` θ₀ + λ·Σ wᵢΔᵢ / Σ wᵢ. A negative wᵢ removes skill i (task negation).
 
-    Default λ = 1 (mergekit's default); FusionBench uses 0.3. Compute dtype fp32.
+    Default λ = 1 and normalize false (mergekit's defaults); FusionBench uses λ 0.3. With ``normalize`` a
+    |Σ wᵢ| below 1e-8 divides by 1 (mergekit's rule), and the quotient is taken before λ. Compute dtype fp32.
     Reference: Ilharco et al. 2023, "Editing models with task arithmetic".
     """
     return whole(job, p, TASK_ARITHMETIC)
