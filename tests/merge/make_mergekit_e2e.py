@@ -73,7 +73,12 @@ CASES: dict[str, tuple[str, dict, dict, float | None]] = {
     "dare_ties_no_density": ("dare_ties", {}, {}, None),
     "breadcrumbs_ties_no_density": ("breadcrumbs_ties", {}, {}, None),
     "della_linear_no_density": ("della_linear", {}, {}, None),
+    "model_stock": ("model_stock", {}, {}, None),
+    "model_stock_filter_wise": ("model_stock", {}, {"filter_wise": True}, None),
+    "nearswap": ("nearswap", {}, {"t": 0.0005}, None),
 }
+# Cases that merge fewer fine-tunes than RELS lists (nearswap takes exactly one besides the base).
+ONLY: dict[str, tuple[str, ...]] = {"nearswap": ("ft_a",)}
 
 
 def layout() -> tuple[dict, list[tuple[str, tuple[int, ...]]]]:
@@ -130,7 +135,7 @@ def mergekit_yaml(case: str) -> str:
     """The mergekit YAML of one case; model paths are relative (mergekit: to its cwd; skillgraft: to the file)."""
     method, per_model, params, base_weight = CASES[case]
     models = [("./base", base_weight)] if base_weight is not None else []
-    models += [(f"./{m}", w) for m, w in zip(RELS, WEIGHTS)]
+    models += [(f"./{m}", w) for m, w in zip(RELS, WEIGHTS) if m in ONLY.get(case, RELS)]
     cfg: dict = {
         "merge_method": method,
         "base_model": "./base",

@@ -332,6 +332,7 @@ SLICE_CASES = [
     ("consensus", {"k": 2}),
     ("slerp", {"t": [0.2, 0.8]}),
     ("layer_swap", {"ranges": [{"layers": [1, 2], "input": 1}]}),
+    ("model_stock", {"filter_wise": True}),
 ]
 
 

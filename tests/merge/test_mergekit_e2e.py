@@ -37,6 +37,12 @@ MAX_ULPS = {
     # differ, so a value lying next to a bf16 rounding boundary can land one bf16 step away.
     "linear": 1,
     "linear_base_listed": 1,
+    # mergekit returns t·avg + (1 − t)·θ₀ (model_stock) and w·θ₁ + (1 − w)·θ₀ (nearswap); we return the same as a
+    # delta that the engine adds to θ₀: equal in exact arithmetic; the fp32 roundings differ, yet after the cast
+    # to bf16 every element agrees on these inputs
+    "model_stock": 0,
+    "model_stock_filter_wise": 0,
+    "nearswap": 0,
 }
 # Differences from mergekit found by these tests and not fixed yet; strict, so a fix shows up as a failure here.
 PARAMS = list(CASES)

@@ -25,7 +25,11 @@ NOT_IDENTITY = {
     "pcb": "keeps only the top pcb_ratio scores, scaled by λ = 1.2",
     "consensus": "an entry needs k = 2 tasks' masks; one input reaches no consensus",
     "slerp": "needs exactly two inputs; checked with two equal inputs instead",
+    "model_stock": "needs two or more inputs; checked with two equal inputs instead (cos 1, t 1)",
+    "nearswap": "moves each entry by at most t towards the input",
 }
+# Parameters a method requires (no default), as mergekit requires them.
+REQUIRED = {"nearswap": {"t": 0.02}}
 # Methods whose result depends on the order of inputs by definition.
 ORDERED = {
     "slerp": "t names input 2 (swapping means t → 1 − t)",
@@ -35,7 +39,14 @@ ORDERED = {
 WEIGHTLESS = {
     "slerp": "interpolates between its two inputs by t",
     "layer_swap": "copies the chosen input's Δ unchanged",
+    "model_stock": "the ratio t comes from the deltas' angles, not from weights",
+    "nearswap": "one input, moved by at most t",
 }
+
+
+def params_of(info: MethodInfo, values: dict | None = None) -> Any:
+    """``info``'s parameters: its defaults (and required values from REQUIRED), then ``values``."""
+    return info.make_params({**REQUIRED.get(info.name, {}), **(values or {})})
 
 
 def has_field(info: MethodInfo, name: str) -> bool:
@@ -64,7 +75,7 @@ def make_job(info: MethodInfo, deltas: torch.Tensor, weights: torch.Tensor, seed
 
 
 def inputs(info: MethodInfo, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    n = 2 if info.max_inputs == 2 else n
+    n = max(info.min_inputs, min(n, info.max_inputs or n))
     g = torch.Generator().manual_seed(7)
     return torch.randn(n, *SHAPE, generator=g) * 0.05, torch.tensor([1.0, 0.6, 0.3][:n])
 
@@ -72,7 +83,7 @@ def inputs(info: MethodInfo, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("info", METHODS, ids=IDS)
 def test_shape_dtype_finite(info: MethodInfo) -> None:
     deltas, weights = inputs(info)
-    out = info.fn(make_job(info, deltas, weights), info.make_params({}))
+    out = info.fn(make_job(info, deltas, weights), params_of(info))
     assert out.shape == SHAPE and out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
@@ -87,8 +98,9 @@ def permuted(job: TensorJob, perm: list[int]) -> TensorJob:
     )
 
 
-IDENTITY = [m for m in METHODS if m.name not in NOT_IDENTITY or m.name == "slerp"]
-UNORDERED = [m for m in METHODS if m.name not in ORDERED]
+EQUAL_PAIR = ("slerp", "model_stock")  # checked for identity with two equal inputs
+IDENTITY = [m for m in METHODS if m.name not in NOT_IDENTITY or m.name in EQUAL_PAIR]
+UNORDERED = [m for m in METHODS if m.name not in ORDERED and (m.max_inputs or 3) >= 3]
 WEIGHTED = [m for m in METHODS if m.name not in WEIGHTLESS]
 DETERMINISTIC_UNORDERED = [m for m in UNORDERED if not m.randomized]
 
@@ -96,10 +108,10 @@ DETERMINISTIC_UNORDERED = [m for m in UNORDERED if not m.randomized]
 @pytest.mark.parametrize("info", IDENTITY, ids=[m.name for m in IDENTITY])
 def test_one_input_at_weight_one_returns_it(info: MethodInfo) -> None:
     deltas, _ = inputs(info, n=1)
-    if info.name == "slerp":
+    if info.name in EQUAL_PAIR:
         deltas = torch.stack([deltas[0], deltas[0]])
-    weights = torch.ones(deltas.shape[0]) if info.name == "slerp" else torch.ones(1)
-    params = info.make_params({"density": 1.0} if has_field(info, "density") else {})
+    weights = torch.ones(deltas.shape[0])
+    params = params_of(info, {"density": 1.0} if has_field(info, "density") else {})
     out = info.fn(make_job(info, deltas, weights), params)
     torch.testing.assert_close(out, deltas[0], rtol=1e-5, atol=1e-6)
 
@@ -107,14 +119,14 @@ def test_one_input_at_weight_one_returns_it(info: MethodInfo) -> None:
 @pytest.mark.parametrize("info", METHODS, ids=IDS)
 def test_zero_deltas_give_zero(info: MethodInfo) -> None:
     deltas, weights = inputs(info)
-    out = info.fn(make_job(info, torch.zeros_like(deltas), weights), info.make_params({}))
+    out = info.fn(make_job(info, torch.zeros_like(deltas), weights), params_of(info))
     assert torch.equal(out, torch.zeros(SHAPE))
 
 
 @pytest.mark.parametrize("info", UNORDERED, ids=[m.name for m in UNORDERED])
 def test_input_order_does_not_matter(info: MethodInfo) -> None:
     deltas, weights = inputs(info)
-    params = info.make_params({})
+    params = params_of(info)
     a_job = make_job(info, deltas, weights)
     b_job = permuted(a_job, [2, 0, 1])
     a, b = info.fn(a_job, params), info.fn(b_job, params)
@@ -142,7 +154,7 @@ def draw_case(data: st.DataObject, info: MethodInfo) -> tuple[torch.Tensor, torc
         values["mode"] = data.draw(st.sampled_from(["paper", "mergekit"]), label="mode")
     if has_field(info, "k"):
         values["k"] = data.draw(st.integers(1, n), label="k")
-    return deltas, weights, info.make_params(values), seed
+    return deltas, weights, params_of(info, values), seed
 
 
 @pytest.mark.parametrize("info", WEIGHTED, ids=[m.name for m in WEIGHTED])
@@ -209,5 +221,5 @@ def test_documented_order_dependence_is_real(name: str) -> None:
 def test_documented_non_identity_is_real(name: str) -> None:
     info = next(m for m in METHODS if m.name == name)
     deltas, _ = inputs(info, n=1)
-    out = info.fn(make_job(info, deltas, torch.ones(1)), info.make_params({}))
+    out = info.fn(make_job(info, deltas, torch.ones(deltas.shape[0])), params_of(info))
     assert not torch.allclose(out, deltas[0])

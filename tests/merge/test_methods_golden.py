@@ -205,3 +205,29 @@ def test_regmean_closed_form() -> None:
 def test_regmean_without_gram_is_weighted_mean() -> None:
     # a bias vector: (1·[1, 2] + 3·[3, 2]) / 4 = [2.5, 2]
     assert_close(merge("regmean", [[1.0, 2.0], [3.0, 2.0]], [1.0, 3.0]), t(2.5, 2.0))
+
+
+def test_model_stock_interpolates_by_the_mean_pairwise_cosine() -> None:
+    # Δ1 = [1, 0], Δ2 = [1, 1]: cos = 1/√2, N = 2 → t = 2c / (1 + c) = √2 / (1 + 1/√2) = 2 / (√2 + 1) = 2(√2 − 1)
+    # mean Δ = [1, 0.5] → Δ = t·[1, 0.5]; user weights play no part
+    t_ = 2 * (2**0.5 - 1)
+    assert_close(merge("model_stock", [[1.0, 0.0], [1.0, 1.0]], [0.3, 5.0]), t(t_, t_ / 2))
+    # orthogonal deltas: cos 0 → t 0 → the base; opposite deltas: 1 + (N − 1)·cos = 0 → t 0 → the base
+    assert_close(merge("model_stock", [[1.0, 0.0], [0.0, 2.0]]), t(0.0, 0.0))
+    assert_close(merge("model_stock", [[1.0, 2.0], [-1.0, -2.0]]), t(0.0, 0.0))
+    # three inputs, pairwise cosines 1, 1, 1 (parallel): t = 3 / (1 + 2) = 1 → their mean
+    assert_close(merge("model_stock", [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]), t(2.0, 2.0))
+
+
+def test_model_stock_filter_wise_has_one_ratio_per_row() -> None:
+    # row 0: Δ1 = [1, 0], Δ2 = [1, 0] → cos 1, t 1 → mean [1, 0]; row 1: [0, 1] vs [1, 0] → cos 0 → t 0 → [0, 0]
+    d = [[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]]
+    assert_close(merge("model_stock", d, filter_wise=True), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    # whole tensor: cos = (1 + 0) / (√2·√2) = 0.5 → t = 1 / 1.5 = 2/3; mean = [[1, 0], [0.5, 0.5]]
+    assert_close(merge("model_stock", d), torch.tensor([[2 / 3, 0.0], [1 / 3, 1 / 3]]))
+
+
+def test_nearswap_caps_each_entry_s_move_at_t() -> None:
+    # t = 0.1: |Δ| ≤ t keeps Δ (w = 1); larger |Δ| is scaled to w·Δ = t·sign(Δ); Δ = 0 stays 0
+    assert_close(merge("nearswap", [[0.05, -0.1, 0.4, -2.0, 0.0]], t=0.1), t(0.05, -0.1, 0.1, -0.1, 0.0))
+    assert_close(merge("nearswap", [[0.05, -0.4]], t=0.0), t(0.0, 0.0))

@@ -20,7 +20,7 @@ OUR_KEYS = {"base", "method", "parameters", "inputs", "out_dtype", "seed", "exam
 INPUT_KEYS = {"source", "weight", "blocks"}
 MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
 MERGEKIT_MODEL_KEYS = {"model", "parameters"}
-MERGEKIT_PARAMS = {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "t", "int8_mask"}
+MERGEKIT_PARAMS = {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "t", "int8_mask", "filter_wise"}
 # mergekit's sparsifying methods keep every entry unless ``density`` is given (its default is 1.0, not ours)
 MERGEKIT_DENSITY_METHODS = {
     "ties",
@@ -42,6 +42,8 @@ MERGEKIT_METHODS = {
     "della": "della",
     "della_linear": "della_linear",
     "slerp": "slerp",
+    "model_stock": "model_stock",
+    "nearswap": "nearswap",
 }
 
 

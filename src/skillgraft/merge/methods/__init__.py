@@ -8,6 +8,8 @@ from skillgraft.merge.methods import (  # noqa: F401
     della,
     fisher,
     layer_swap,
+    model_stock,
+    nearswap,
     pcb,
     regmean,
     slerp,
