@@ -76,9 +76,24 @@ CASES: dict[str, tuple[str, dict, dict, float | None]] = {
     "model_stock": ("model_stock", {}, {}, None),
     "model_stock_filter_wise": ("model_stock", {}, {"filter_wise": True}, None),
     "nearswap": ("nearswap", {}, {"t": 0.0005}, None),
+    # the most published SLERP config: per-filter t gradients over the layers, a catch-all value for the rest
+    "slerp_filters": (
+        "slerp",
+        {},
+        {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+        None,
+    ),
+    # a weight gradient over the layers (per model) with TIES
+    "ties_weight_gradient": ("ties", {"density": 0.5, "weight": [0.2, 0.8]}, {"normalize": True}, None),
 }
 # Cases that merge fewer fine-tunes than RELS lists (nearswap takes exactly one besides the base).
-ONLY: dict[str, tuple[str, ...]] = {"nearswap": ("ft_a",)}
+ONLY: dict[str, tuple[str, ...]] = {"nearswap": ("ft_a",), "slerp_filters": ("ft_a",)}
 
 
 def layout() -> tuple[dict, list[tuple[str, tuple[int, ...]]]]:

@@ -56,8 +56,11 @@ class MergeInput:
     source: str  # a .skill path, a library reference, a PEFT adapter dir or a fine-tuned checkpoint dir
     weight: float = 1.0
     blocks: tuple[tuple[str, float], ...] = ()
+    setting: Any = None  # a mergekit weight given as a gradient or filter list (see :func:`resolve_setting`)
 
-    def weight_for(self, name: str) -> float:
+    def weight_for(self, name: str, position: float = 0.0) -> float:
+        if self.setting is not None:
+            return float(resolve_setting(self.setting, name, position, self.weight))
         for pattern, w in self.blocks:
             if fnmatch.fnmatchcase(name, pattern):
                 return w
@@ -85,9 +88,23 @@ class MergeConfig:
     dialect: str = "skillgraft"  # or "mergekit"
     source_file: str | None = None
 
-    def weights_for(self, name: str) -> list[float]:
-        """Each input's weight for tensor ``name`` (its block weight where one matches)."""
-        return [i.weight_for(name) for i in self.inputs]
+    def weights_for(self, name: str, position: float = 0.0) -> list[float]:
+        """Each input's weight for tensor ``name`` (its block weight where one matches; a mergekit gradient or
+        filter list resolved at ``name`` and the relative layer ``position``)."""
+        return [i.weight_for(name, position) for i in self.inputs]
+
+    def parameters_for(self, name: str, position: float = 0.0) -> dict[str, Any]:
+        """The method's parameters for tensor ``name``: a mergekit config's gradients and filter lists resolved
+        there (a setting that resolves to nothing leaves the parameter at its default); our own configs' values as
+        given (their lists, such as slerp's ``t`` or layer_swap's ``ranges``, are the methods' own)."""
+        if self.dialect != "mergekit":
+            return dict(self.parameters)
+        out = {}
+        for key, setting in self.parameters.items():
+            value = resolve_setting(setting, name, position, None)
+            if value is not None:
+                out[key] = value
+        return out
 
     def resolve_paths(self, root: Path) -> MergeConfig:
         """Relative paths in a config file are relative to that file's directory (library refs stay as is)."""
@@ -110,6 +127,65 @@ class MergeConfig:
             self.dialect,
             self.source_file,
         )
+
+
+def resolve_setting(setting: Any, name: str, position: float, default: Any) -> Any:
+    """A mergekit parameter setting's value for tensor ``name`` at relative layer ``position`` (block i of n is
+    i / (n − 1); a single block is 1; tensors outside the blocks are 0), as mergekit resolves it:
+
+    * a scalar is itself;
+    * a list of numbers is a gradient: at x = position·(len − 1), (1 − f)·v[⌊x⌋] + f·v[⌊x⌋ + 1] with f = x − ⌊x⌋
+      (the last value at position 1); a list of other scalars picks v[⌊x⌋];
+    * a list of ``{filter, value}`` conditions (or one): the first whose filter is absent, ``*`` or a substring
+      of ``name`` gives its value (itself a scalar or a gradient); none matching gives ``default``.
+    """
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if not setting:
+        return default
+    if all(not isinstance(v, (dict, list)) for v in setting):
+        x = position * (len(setting) - 1)
+        i0 = int(x)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+            return setting[i0]
+        i1 = min(len(setting) - 1, i0 + 1)
+        f = x - i0
+        return (1 - f) * setting[i0] + f * setting[i1]
+    for cond in setting:
+        flt = cond.get("filter")
+        if flt is None or flt == "*" or (name and flt in name):
+            return resolve_setting(cond["value"], name, position, default)
+    return default
+
+
+def check_setting(setting: Any, where: str) -> None:
+    """A mergekit parameter setting is a scalar, a gradient (a list of scalars), or a list of ``{filter, value}``
+    conditions whose value is a scalar or a gradient; anything else is named in a one-line error."""
+    scalar = (bool, int, float, str)
+    if isinstance(setting, scalar):
+        return
+    conds = [setting] if isinstance(setting, dict) else setting
+    if isinstance(conds, list) and all(isinstance(v, scalar) for v in conds) and conds:
+        return
+    if isinstance(conds, list) and conds and all(isinstance(c, dict) for c in conds):
+        for i, c in enumerate(conds):
+            extra = sorted(set(c) - {"filter", "value"})
+            if extra or "value" not in c:
+                raise InputError(
+                    f"{where}[{i}]: a condition takes 'value' and optionally 'filter', not {sorted(c)}",
+                    hint="e.g. [{filter: self_attn, value: [0, 0.5, 1]}, {value: 0.5}]",
+                )
+            if c.get("filter") is not None and not isinstance(c["filter"], str):
+                raise InputError(f"{where}[{i}].filter must be a string (a substring of tensor names)")
+            v = c["value"]
+            if not (isinstance(v, scalar) or (isinstance(v, list) and v and all(isinstance(x, scalar) for x in v))):
+                raise InputError(f"{where}[{i}].value must be a number or a list of numbers, not {v!r}")
+        return
+    raise InputError(
+        f"{where}: expected a number, a gradient (list of numbers) or a list of {{filter, value}}, not {setting!r}"
+    )
 
 
 def _dtype(value: Any, key: str) -> str | None:
@@ -189,6 +265,36 @@ def from_dict(d: dict, source_file: str | None = None) -> MergeConfig:
     )
 
 
+def _conds(setting: Any) -> list:
+    if isinstance(setting, dict):
+        return [setting]
+    if isinstance(setting, list) and setting and all(isinstance(c, dict) for c in setting):
+        return list(setting)
+    return [{"value": setting}]
+
+
+def _chain(first: Any, then: Any) -> Any:
+    """One setting that resolves ``first`` and, where none of its conditions matches, ``then``."""
+    if then is None:
+        return first
+    if isinstance(first, dict) or (isinstance(first, list) and first and all(isinstance(c, dict) for c in first)):
+        return _conds(first) + _conds(then)
+    return first  # a scalar or a gradient always resolves
+
+
+def _mk_input(source: str, own: Any, shared: Any, i: int) -> MergeInput:
+    """A mergekit model's input: its weight (a number, or a gradient / filter list resolved per tensor; its own
+    setting first, then the top-level one, then 1.0)."""
+    setting = _chain(own, shared) if own is not None else shared
+    if setting is None:
+        return MergeInput(source, 1.0)
+    check_setting(setting, f"models[{i}].parameters.weight")
+    if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+        return MergeInput(source, _weight(setting, f"models[{i}]"))
+    nominal = resolve_setting(setting, "", 0.0, 1.0)
+    return MergeInput(source, _weight(nominal, f"models[{i}]"), setting=setting)
+
+
 def _lift(per_model: list[dict], key: str) -> Any:
     """A per-model parameter other than weight must be the same for every model; return that value."""
     values = [p[key] for p in per_model if key in p]
@@ -241,23 +347,18 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
     _unknown(set(global_params), MERGEKIT_PARAMS, "parameters", "mergekit")
     for key in MERGEKIT_PARAMS - {"weight"}:
         lifted = _lift(per_model, key)
-        if lifted is not None:
-            global_params[key] = lifted
+        if lifted is not None:  # mergekit looks at a model's own setting first, then the top-level one
+            global_params[key] = _chain(lifted, global_params.get(key))
     for key, value in global_params.items():
-        if isinstance(value, (list, dict)):
-            raise InputError(
-                f"mergekit config: {key!r} given as a gradient or filter list is not supported",
-                hint="use a single number",
-            )
+        check_setting(value, f"parameters.{key}")
     int8_mask = global_params.pop("int8_mask", False)  # mergekit stores its masks as int8: no number changes
     if not isinstance(int8_mask, bool):
         raise InputError(f"mergekit config: int8_mask must be true or false, not {int8_mask!r}")
     if method in MERGEKIT_DENSITY_METHODS:
         global_params.setdefault("density", 1.0)
-    default_w = global_params.pop("weight", 1.0)
+    default_w = global_params.pop("weight", None)
     inputs = tuple(
-        MergeInput(str(m["model"]), _weight(p.get("weight", default_w), f"models[{i}]"))
-        for i, (m, p) in enumerate(zip(entries, per_model))
+        _mk_input(str(m["model"]), p.get("weight"), default_w, i) for i, (m, p) in enumerate(zip(entries, per_model))
     )
     if method == "slerp":
         inputs = tuple(MergeInput(i.source, 1.0) for i in inputs)

@@ -121,12 +121,13 @@ class TensorMerger:
     """
 
     def __init__(self, plan: MergePlan, threads: int) -> None:
-        self.plan, self.info, self.params = plan, plan.method, plan.params
+        self.plan, self.info = plan, plan.method
         steps = plan.method.steps
         assert steps is not None, f"merge method {plan.method.name} has no steps"
         self.steps = steps
         self.n = len(plan.sources)
-        self.reads_whole = steps.prepare is not None and steps.reads_whole(self.params)
+        distinct = {id(t.params): t.params for t in plan.tensors if t.users}.values()
+        self.reads_whole = steps.prepare is not None and any(steps.reads_whole(p) for p in distinct)
         numel_max = max((t.numel for t in plan.tensors if t.users), default=0)
         self._whole_mm, self._whole = aligned_buffer(4 * self.n * numel_max if self.reads_whole else 0)
         self.threads = threads
@@ -167,16 +168,18 @@ class TensorMerger:
         extra = self.plan.model_pass.fields(t.name) if self.plan.model_pass is not None else {}
         common = dict(
             name=t.name,
-            weights=torch.tensor(self.plan.config.weights_for(t.name), dtype=torch.float32),
+            weights=torch.tensor(t.weights, dtype=torch.float32),
             rng=input_rngs(self.plan.seed, t.name, self.n) if self.info.randomized else None,
             layer=layer_of(t.name),
             num_layers=self.plan.num_layers,
             pool=self._map if self._pool is not None else None,
             **extra,
         )
+        params = t.params
+        reads_whole = self.steps.prepare is not None and self.steps.reads_whole(params)
         ctx = None
         if self.steps.prepare is not None:
-            if self.reads_whole:
+            if reads_whole:
                 whole = self._whole[: 4 * self.n * numel].view(torch.float32).view(self.n, numel)
 
                 def fill(lane: list[slice], _: torch.Tensor) -> None:
@@ -187,10 +190,10 @@ class TensorMerger:
                 deltas = whole.view(self.n, *t.shape)
             else:
                 deltas = torch.empty((self.n, 0))
-            b = base.float().reshape(t.shape) if self.info.needs_base and self.reads_whole else None
+            b = base.float().reshape(t.shape) if self.info.needs_base and reads_whole else None
             torch.set_num_threads(self.threads)
             try:
-                ctx = self.steps.prepare(TensorJob(deltas=deltas, base=b, **common), self.params)  # type: ignore[arg-type]
+                ctx = self.steps.prepare(TensorJob(deltas=deltas, base=b, **common), params)  # type: ignore[arg-type]
             finally:
                 torch.set_num_threads(1)
 
@@ -199,13 +202,13 @@ class TensorMerger:
         def run(lane: list[slice], work: torch.Tensor) -> None:
             for sl in lane:
                 b32 = base[sl].float()
-                if self.reads_whole:
+                if reads_whole:
                     d = whole[:, sl]
                 else:
                     d = work[:, : sl.stop - sl.start]
                     self._fill(d, item, b32, sl)
                 job = TensorJob(deltas=d, base=b32 if self.info.needs_base else None, **common)  # type: ignore[arg-type]
-                delta = self.steps.apply(job, self.params, ctx, sl)
+                delta = self.steps.apply(job, params, ctx, sl)
                 # in place only into a copy: for fp32 checkpoints ``b32`` is the base's own mapped memory
                 merged = b32.add_(delta) if copied else torch.add(b32, delta)
                 lo, hi = torch.aminmax(merged)

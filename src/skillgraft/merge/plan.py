@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ class TensorPlan:
     in_dtype: torch.dtype
     out_dtype: torch.dtype
     users: tuple[int, ...]  # indices of the inputs that change this tensor
+    weights: tuple[float, ...] = ()  # each input's weight for this tensor
+    params: Any = None  # the method's parameters for this tensor (the merge's, unless they vary per tensor)
 
     @property
     def numel(self) -> int:
@@ -144,7 +147,7 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
     if opts.threads is not None and opts.threads < 1:
         raise InputError(f"threads must be at least 1, not {opts.threads}")
     info = get_method(config.method)
-    params = info.make_params(dict(config.parameters))
+    params = info.make_params(config.parameters_for("", 0.0))
     _check_counts(info, config)
     if info.stats and not config.examples:
         raise InputError(f"merge method {info.name!r} needs examples", hint="set 'examples: FILE.jsonl' in the config")
@@ -157,11 +160,12 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
     sources: list[DeltaSource] = []
     try:
         num_layers = count_layers(base)
-        check_plan = getattr(params, "check_plan", None)  # checks that need the inputs or the model's size
-        if check_plan is not None:
-            check_plan(PlanFacts(len(config.inputs), num_layers, tuple(i.weight for i in config.inputs)))
-        # A method that takes each tensor from one input (layer_swap) names it; only that input is read.
-        supplier = getattr(params, "supplier", None)
+        per_tensor = _tensor_settings(config, info, params, base.names(), num_layers)
+        facts = PlanFacts(len(config.inputs), num_layers, tuple(i.weight for i in config.inputs))
+        for p in {id(p): p for _, p in per_tensor.values()}.values():
+            check_plan = getattr(p, "check_plan", None)  # checks that need the inputs or the model's size
+            if check_plan is not None:
+                check_plan(facts)
         shapes = {n: base.shape(n) for n in base.names()}
         fp = None
         unchecked: list[str] = []
@@ -184,9 +188,12 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
             in_dtype = base.dtype(name)
             out_dtype = TORCH_DTYPES[config.out_dtype] if config.out_dtype and in_dtype.is_floating_point else in_dtype
             users = tuple(i for i, s in enumerate(sources) if name in s.names())
+            weights, tensor_params = per_tensor[name]
+            # A method that takes each tensor from one input (layer_swap) names it; only that input is read.
+            supplier = getattr(tensor_params, "supplier", None)
             if supplier is not None:
                 users = tuple(i for i in users if i == supplier(layer_of(name)))
-            tensors.append(TensorPlan(name, shapes[name], in_dtype, out_dtype, users))
+            tensors.append(TensorPlan(name, shapes[name], in_dtype, out_dtype, users, weights, tensor_params))
     except BaseException:
         for s in sources:
             s.close()
@@ -197,6 +204,39 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
     plan.unchecked_fingerprints = tuple(unchecked)
     plan.warnings = tuple(notes)
     return plan
+
+
+def layer_position(name: str, num_layers: int | None) -> float:
+    """Where tensor ``name`` sits in the block stack, for gradients: block i of n is i / (n − 1) (a single block
+    is 1); tensors outside the blocks (embeddings, final norm, head) are at 0 — mergekit's positions."""
+    layer = layer_of(name)
+    if layer is None or not num_layers:
+        return 0.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def _tensor_settings(
+    config: MergeConfig, info: MethodInfo, params: Any, names: Any, num_layers: int | None
+) -> dict[str, tuple[tuple[float, ...], Any]]:
+    """Each tensor's input weights and method parameters, all resolved and validated before any weight is read;
+    tensors whose parameters resolve alike share one parameter object."""
+    cache: dict[str, Any] = {}
+    out = {}
+    for name in names:
+        pos = layer_position(name, num_layers)
+        weights = tuple(config.weights_for(name, pos))
+        for i, w in enumerate(weights):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise InputError(f"input {i}: weight for tensor {name!r} must be a finite number, not {w!r}")
+        values = config.parameters_for(name, pos)
+        key = repr(sorted(values.items()))
+        if key not in cache:
+            try:
+                cache[key] = info.make_params(values) if values != dict(config.parameters_for("", 0.0)) else params
+            except InputError as e:
+                raise InputError(f"tensor {name!r}: {e.message}", hint=e.hint) from e
+        out[name] = (weights, cache[key])
+    return out
 
 
 def count_layers(base: Checkpoint) -> int | None:
