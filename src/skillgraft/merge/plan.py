@@ -220,7 +220,8 @@ def _tensor_settings(
 ) -> dict[str, tuple[tuple[float, ...], Any]]:
     """Each tensor's input weights and method parameters, all resolved and validated before any weight is read;
     tensors whose parameters resolve alike share one parameter object."""
-    cache: dict[str, Any] = {}
+    overall = config.parameters_for("", 0.0)  # what ``params`` was made from
+    cache: dict[str, Any] = {repr(sorted(overall.items())): params}
     out = {}
     for name in names:
         pos = layer_position(name, num_layers)
@@ -232,7 +233,7 @@ def _tensor_settings(
         key = repr(sorted(values.items()))
         if key not in cache:
             try:
-                cache[key] = info.make_params(values) if values != dict(config.parameters_for("", 0.0)) else params
+                cache[key] = info.make_params(values)
             except InputError as e:
                 raise InputError(f"tensor {name!r}: {e.message}", hint=e.hint) from e
         out[name] = (weights, cache[key])
