@@ -91,9 +91,57 @@ CASES: dict[str, tuple[str, dict, dict, float | None]] = {
     ),
     # a weight gradient over the layers (per model) with TIES
     "ties_weight_gradient": ("ties", {"density": 0.5, "weight": [0.2, 0.8]}, {"normalize": True}, None),
+    # the spherical methods: karcher averages base_model's weights with the models' (mergekit adds the unlisted
+    # base as an input); multislerp and nuslerp interpolate the deltas from base_model
+    "karcher": ("karcher", {}, {}, None),
+    "karcher_params": ("karcher", {}, {"max_iter": 1, "tol": 1e-7}, None),
+    "multislerp": ("multislerp", {}, {}, None),
+    # equal per-tensor weights from a gradient, not normalised (their sum runs from 0.4 to 1.6), and a larger eps
+    "multislerp_no_normalize": ("multislerp", {"weight": [0.2, 0.8]}, {"normalize_weights": False, "eps": 1e-3}, None),
+    "nuslerp": ("nuslerp", {}, {}, None),
+    "nuslerp_rows": ("nuslerp", {}, {"nuslerp_flatten": False}, None),
+    "nuslerp_row_wise": ("nuslerp", {}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}, None),
+    # without base_model: karcher averages the two models only, multislerp and nuslerp their full weights
+    "karcher_no_base": ("karcher", {}, {}, None),
+    "multislerp_no_base": ("multislerp", {}, {}, None),
+    "nuslerp_no_base": ("nuslerp", {}, {}, None),
 }
+# Cases whose YAML has no base_model.
+NO_BASE = {"karcher_no_base", "multislerp_no_base", "nuslerp_no_base"}
 # Cases that merge fewer fine-tunes than RELS lists (nearswap takes exactly one besides the base).
 ONLY: dict[str, tuple[str, ...]] = {"nearswap": ("ft_a",), "slerp_filters": ("ft_a",)}
+# The cases above run with ``dtype: float32`` (mergekit computes in fp32). Published configs nearly all name
+# bfloat16 or float16, and mergekit then loads every tensor in that dtype and computes in it: these variants
+# are the same configs with (case, dtype, out_dtype); dtype None leaves the key out (mergekit then computes in the
+# checkpoints' own dtype, bf16 here).
+LOW_PRECISION: dict[str, tuple[str, str | None, str]] = {
+    **{
+        f"{c}_bf16": (c, "bfloat16", "bfloat16")
+        for c in (
+            "task_arithmetic",
+            "task_arithmetic_normalize",
+            "linear",
+            "ties",
+            "ties_no_density",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "dare_ties_no_density",
+            "della_linear_no_density",
+            "model_stock",
+            "model_stock_filter_wise",
+            "nearswap",
+            "slerp_filters",
+        )
+    },
+    "ties_stored": ("ties", None, "bfloat16"),
+    "linear_fp16": ("linear", "float16", "bfloat16"),
+    "task_arithmetic_fp16": ("task_arithmetic", "float16", "bfloat16"),
+    "ties_fp16": ("ties", "float16", "bfloat16"),
+}
+for _case, (_of, _, _) in LOW_PRECISION.items():
+    CASES[_case] = CASES[_of]
+    if _of in ONLY:
+        ONLY[_case] = ONLY[_of]
 
 
 def layout() -> tuple[dict, list[tuple[str, tuple[int, ...]]]]:
@@ -156,11 +204,14 @@ def mergekit_yaml(case: str) -> str:
         "base_model": "./base",
         "models": [{"model": m, "parameters": {"weight": w, **per_model}} for m, w in models],
     }
-    if method == "linear" and base_weight is None:  # mergekit's linear needs a weight for base_model too
+    if (method == "linear" and base_weight is None) or case in NO_BASE:  # linear: mergekit needs a base weight
         del cfg["base_model"]
     if params:
         cfg["parameters"] = params
-    cfg.update(dtype="float32", out_dtype="bfloat16")
+    _, dtype, out_dtype = LOW_PRECISION.get(case, (case, "float32", "bfloat16"))
+    if dtype is not None:
+        cfg["dtype"] = dtype
+    cfg["out_dtype"] = out_dtype
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
@@ -195,13 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("SKILLGRAFT_MERGEKIT_PY", "/tmp/mkvenv/bin/python"),
         help="a python with mergekit 0.1.5 (default $SKILLGRAFT_MERGEKIT_PY or /tmp/mkvenv/bin/python)",
     )
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), help="regenerate only these cases (default: all)")
     a = p.parse_args(argv)
     DATA.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dirs = write_inputs(root)
         n_params = sum(t.numel() for t in load(dirs["base"]).values())
-        for case in CASES:
+        for case in a.cases or CASES:
             text = mergekit_yaml(case)
             (root / f"{case}.yaml").write_text(text)
             run_mergekit(a.mergekit_py, root / f"{case}.yaml", root / f"out-{case}")

@@ -24,15 +24,24 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pytorch_model.bin inputs."),
     library: Path = LIBRARY_OPT,
+    compute_dtype: str = typer.Option(
+        None,
+        "--compute-dtype",
+        help="Round inputs to and compute in float32, bfloat16 or float16 (default: the config's; a mergekit "
+        "YAML computes in its dtype, as mergekit does).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result (or the plan) as JSON."),
 ) -> None:
     """Merge skills, LoRA adapters and fine-tuned checkpoints of one base into one model.
 
     Example: skillgraft merge ties.yaml -o ./merged  (see docs/merging.md for the config schema)
+
+    Example: skillgraft merge mergekit-ties.yaml -o ./merged --compute-dtype float32  (full-precision arithmetic)
     """
-    from skillgraft.merge.config import load_config
+    from skillgraft.merge.config import check_dtype, load_config
     from skillgraft.merge.engine import MergeOptions, plan_merge, run_merge
 
+    compute_dtype = check_dtype(compute_dtype, "--compute-dtype")
     cfg = load_config(config)
     opts = MergeOptions(
         out=out,
@@ -44,6 +53,7 @@ def merge(
         library=library,
         allow_pickle=allow_pickle,
         dry_run=dry_run,
+        compute_dtype=compute_dtype,
     )
     plan = plan_merge(cfg, opts)
     for note in plan.warnings:

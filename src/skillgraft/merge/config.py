@@ -6,6 +6,7 @@ the files (paths, shapes, fingerprints) before any tensor is read. See docs/merg
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass, field
@@ -16,9 +17,12 @@ from skillgraft.errors import FormatError, InputError, NotFoundError
 
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
-OUR_KEYS = {"base", "method", "parameters", "inputs", "out_dtype", "seed", "examples", "num_examples"}
+OUR_KEYS = {"base", "method", "parameters", "inputs", "out_dtype", "compute_dtype", "seed", "examples", "num_examples"}
 INPUT_KEYS = {"source", "weight", "blocks"}
 MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
+# mergekit's own top-level keys that skillgraft does not take yet: refused by name (any other top-level key,
+# such as ``out_path``, mergekit ignores, and so do we, with a warning)
+MERGEKIT_UNSUPPORTED = {"modules", "slices", "tokenizer_source", "tokenizer", "chat_template"}
 MERGEKIT_MODEL_KEYS = {"model", "parameters"}
 MERGEKIT_PARAMS = {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "t", "int8_mask", "filter_wise"}
 # mergekit's sparsifying methods keep every entry unless ``density`` is given (its default is 1.0, not ours)
@@ -44,6 +48,9 @@ MERGEKIT_METHODS = {
     "slerp": "slerp",
     "model_stock": "model_stock",
     "nearswap": "nearswap",
+    "karcher": "karcher",
+    "multislerp": "multislerp",
+    "nuslerp": "nuslerp",
 }
 
 
@@ -87,6 +94,11 @@ class MergeConfig:
     num_examples: int = 256
     dialect: str = "skillgraft"  # or "mergekit"
     source_file: str | None = None
+    # None: fp32 arithmetic on the inputs as stored; a dtype: inputs rounded to it, and methods that compute in
+    # their inputs' precision compute in it; "stored": the inputs' own (promoted) dtype — a mergekit YAML's
+    # ``dtype``, or mergekit's behaviour without one (see merge/plan.py)
+    compute_dtype: str | None = None
+    ignored: tuple[str, ...] = ()  # top-level keys of a mergekit YAML that mergekit ignores (``out_path``)
 
     def weights_for(self, name: str, position: float = 0.0) -> list[float]:
         """Each input's weight for tensor ``name`` (its block weight where one matches; a mergekit gradient or
@@ -113,20 +125,9 @@ class MergeConfig:
             q = Path(p)
             return str(root / q) if not q.is_absolute() and (root / q).exists() else p
 
-        inputs = tuple(MergeInput(fix(i.source), i.weight, i.blocks) for i in self.inputs)
+        inputs = tuple(dataclasses.replace(i, source=fix(i.source)) for i in self.inputs)
         ex = fix(self.examples) if self.examples else None
-        return MergeConfig(
-            fix(self.base),
-            self.method,
-            inputs,
-            self.parameters,
-            self.out_dtype,
-            self.seed,
-            ex,
-            self.num_examples,
-            self.dialect,
-            self.source_file,
-        )
+        return dataclasses.replace(self, base=fix(self.base), inputs=inputs, examples=ex)
 
 
 def resolve_setting(setting: Any, name: str, position: float, default: Any) -> Any:
@@ -188,7 +189,7 @@ def check_setting(setting: Any, where: str) -> None:
     )
 
 
-def _dtype(value: Any, key: str) -> str | None:
+def check_dtype(value: Any, key: str) -> str | None:
     if value is None:
         return None
     v = DTYPE_ALIASES.get(str(value), str(value))
@@ -256,12 +257,13 @@ def from_dict(d: dict, source_file: str | None = None) -> MergeConfig:
         str(d["method"]),
         tuple(inputs),
         dict(params),
-        _dtype(d.get("out_dtype"), "out_dtype"),
+        check_dtype(d.get("out_dtype"), "out_dtype"),
         seed,
         d.get("examples"),
         n,
         "skillgraft",
         source_file,
+        check_dtype(d.get("compute_dtype"), "compute_dtype"),
     )
 
 
@@ -310,7 +312,13 @@ def _lift(per_model: list[dict], key: str) -> Any:
 
 def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
     """Translate a mergekit YAML (the subset both tools support); unsupported keys are named."""
-    _unknown(set(d), MERGEKIT_KEYS, "mergekit config", "mergekit")
+    unsupported = sorted(MERGEKIT_UNSUPPORTED & set(d))
+    if unsupported:
+        raise InputError(
+            f"mergekit config: key(s) {', '.join(map(repr, unsupported))} not supported by skillgraft yet",
+            hint="remove them, or merge this config with mergekit itself (docs/merging.md lists what is supported)",
+        )
+    ignored = tuple(sorted(set(d) - MERGEKIT_KEYS))
     method = MERGEKIT_METHODS.get(d["merge_method"])
     if method is None:
         raise InputError(
@@ -323,7 +331,8 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
     base = d.get("base_model")
     # mergekit's linear averages every listed model, base_model included (its Δ is 0 but its weight counts in the
     # normalizer), so a listed base stays an input; the other methods leave base_model out of their inputs.
-    keep_base = method in ("slerp", "linear")
+    # karcher, multislerp, nuslerp: see the branch below.
+    keep_base = method in ("slerp", "linear", "karcher")
     entries = [m for m in models if not (base and str(m["model"]) == str(base) and not keep_base)]
     if base is not None and method == "linear" and not any(str(m["model"]) == str(base) for m in models):
         raise InputError(
@@ -331,10 +340,18 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
             "refuses this: it needs a weight for it)",
             hint="list base_model under 'models' with a weight, or drop 'base_model'",
         )
+    # The spherical methods: karcher averages the full weights of every model, base_model included (mergekit
+    # appends it when it is not listed); multislerp and nuslerp centre their sphere on base_model, or on zero
+    # without one (they then interpolate the full weights: ``origin: zero``). Without base_model the first model
+    # stands in as the base (its Δ is 0) and stays an input, as for linear.
+    spherical = method in ("karcher", "multislerp", "nuslerp")
+    baseless = base is None
     if base is None:  # mergekit's linear needs no base: the first model serves (Δ₁ = 0), result unchanged
-        if method != "linear" or not models:
+        if (method != "linear" and not spherical) or not models:
             raise InputError(f"mergekit config: {d['merge_method']} needs a base_model")
         base = models[0]["model"]
+    elif method == "karcher" and not any(str(m["model"]) == str(base) for m in models):
+        entries = [*entries, {"model": base}]
     if method == "slerp" and len(entries) == 1:
         entries = [{"model": base}, *entries]  # mergekit's slerp goes from base_model (t=0) to the other model
     per_model = []
@@ -362,6 +379,15 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
     )
     if method == "slerp":
         inputs = tuple(MergeInput(i.source, 1.0) for i in inputs)
+    if method in ("multislerp", "nuslerp"):  # mergekit requires a weight for every model but the base
+        unweighted = [str(m["model"]) for m, p in zip(entries, per_model) if p.get("weight") is None]
+        if unweighted and default_w is None:
+            raise InputError(
+                f"mergekit config: {method} needs a weight for every model; {unweighted[0]!r} has none",
+                hint="give each model parameters.weight (or one top-level parameters.weight)",
+            )
+        if baseless:
+            global_params["origin"] = "zero"
     if "mode" in _param_fields(method):  # mergekit's YAML means mergekit's rules
         global_params["mode"] = "mergekit"
     return MergeConfig(
@@ -369,12 +395,14 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
         method,
         inputs,
         global_params,
-        _dtype(d.get("out_dtype") or d.get("dtype"), "out_dtype"),
+        check_dtype(d.get("out_dtype") or d.get("dtype"), "out_dtype"),
         0,
         None,
         256,
         "mergekit",
         source_file,
+        check_dtype(d.get("dtype"), "dtype") or "stored",  # mergekit computes in its inputs' (promoted) dtype
+        ignored,
     )
 
 

@@ -22,7 +22,7 @@ from skillgraft.io.checkpoint import Checkpoint
 from skillgraft.io.writer import check_output
 from skillgraft.merge.config import MergeConfig
 from skillgraft.merge.registry import MethodInfo, ModelPass, PlanFacts, get_method
-from skillgraft.merge.sources import DeltaSource, check_source_fits, detect, open_source
+from skillgraft.merge.sources import CheckpointSource, DeltaSource, check_source_fits, detect, open_source
 from skillgraft.skill.apply import check_fit
 from skillgraft.skill.fingerprint import fingerprint_checkpoint, fingerprint_tokenizer
 
@@ -47,6 +47,7 @@ class MergeOptions:
     dry_run: bool = False
     max_shard_bytes: int = 2 * 1024**3
     threads: int | None = None  # None: the cores this process may run on
+    compute_dtype: str | None = None  # overrides the config's (``float32`` for full-precision arithmetic)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class TensorPlan:
     users: tuple[int, ...]  # indices of the inputs that change this tensor
     weights: tuple[float, ...] = ()  # each input's weight for this tensor
     params: Any = None  # the method's parameters for this tensor (the merge's, unless they vary per tensor)
+    # Inputs are rounded to this dtype as they are read; methods that compute in their inputs' precision
+    # (MethodInfo.low_precision) compute in it, the others in fp32; the merged tensor is rounded to it, then
+    # cast to ``out_dtype``. fp32 (no rounding) unless the config asks (a mergekit YAML's ``dtype``).
+    compute_dtype: torch.dtype = torch.float32
 
     @property
     def numel(self) -> int:
@@ -100,6 +105,7 @@ class MergePlan:
                     "tensor": t.name,
                     "shape": list(t.shape),
                     "out_dtype": str(t.out_dtype).split(".")[-1],
+                    "compute_dtype": str(t.compute_dtype).split(".")[-1],
                     "inputs": srcs,
                     "action": "merge" if t.users else "copy base",
                     "bytes": t.out_bytes,
@@ -184,16 +190,20 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
                         fp = fp or fingerprint_checkpoint(base).content
                 notes += check_fit(pack, shapes, fp, opts.force, tokenizer)
         tensors = []
+        compute = opts.compute_dtype or config.compute_dtype
         for name in base.names():
             in_dtype = base.dtype(name)
             out_dtype = TORCH_DTYPES[config.out_dtype] if config.out_dtype and in_dtype.is_floating_point else in_dtype
             users = tuple(i for i, s in enumerate(sources) if name in s.names())
+            compute_dtype = _compute_dtype(compute, name, base, [sources[i] for i in users])
             weights, tensor_params = per_tensor[name]
             # A method that takes each tensor from one input (layer_swap) names it; only that input is read.
             supplier = getattr(tensor_params, "supplier", None)
             if supplier is not None:
                 users = tuple(i for i in users if i == supplier(layer_of(name)))
-            tensors.append(TensorPlan(name, shapes[name], in_dtype, out_dtype, users, weights, tensor_params))
+            tensors.append(
+                TensorPlan(name, shapes[name], in_dtype, out_dtype, users, weights, tensor_params, compute_dtype)
+            )
     except BaseException:
         for s in sources:
             s.close()
@@ -202,8 +212,26 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
     seed = config.seed if opts.seed is None else opts.seed
     plan = MergePlan(config, info, params, base, sources, tensors, num_layers, seed)
     plan.unchecked_fingerprints = tuple(unchecked)
+    if config.ignored:
+        notes.append(
+            f"mergekit config: ignored key(s) {', '.join(map(repr, config.ignored))} (mergekit ignores them too)"
+        )
     plan.warnings = tuple(notes)
     return plan
+
+
+def _compute_dtype(compute: str | None, name: str, base: Checkpoint, sources: list[DeltaSource]) -> torch.dtype:
+    """A tensor's compute dtype: the one asked for; ``stored`` (a mergekit YAML without ``dtype``): the stored
+    dtypes of the base and the checkpoint inputs, promoted (mergekit's); None: fp32."""
+    if compute is None or not base.dtype(name).is_floating_point:
+        return torch.float32
+    if compute != "stored":
+        return TORCH_DTYPES[compute]
+    dtype = base.dtype(name)
+    for s in sources:
+        if isinstance(s, CheckpointSource):
+            dtype = torch.promote_types(dtype, s.ckpt.dtype(name))
+    return dtype
 
 
 def layer_position(name: str, num_layers: int | None) -> float:

@@ -37,7 +37,9 @@ class TensorJob:
     them; ``stats`` holds per-input statistics (diagonal Fisher, input Gram matrix) when the method asks.
     ``layer`` is the transformer block index parsed from the name (None for embeddings, final norm, …).
     ``pool`` is the engine's ``map(fn, items)`` for per-input work side by side (see :meth:`each`); methods never
-    start threads of their own.
+    start threads of their own. ``compute_dtype`` is the merge's compute dtype (see ``TensorPlan``): ``deltas`` are
+    in it for ``low_precision`` methods, in fp32 otherwise; a method that follows mergekit's arithmetic in a
+    16-bit dtype looks at it.
     """
 
     name: str
@@ -50,6 +52,7 @@ class TensorJob:
     layer: int | None = None
     num_layers: int | None = None
     pool: Callable[[Callable[[Any], Any], list], list] | None = None
+    compute_dtype: torch.dtype = torch.float32  # the merge's compute dtype; the inputs were rounded to it
 
     @property
     def n(self) -> int:
@@ -166,6 +169,9 @@ class MethodInfo:
     steps: Steps | None = None  # how the engine runs it (every registered method has one)
     min_inputs: int = 1
     max_inputs: int | None = None
+    # computes in its inputs' precision when the merge's compute dtype is below fp32 (mergekit's task-arithmetic
+    # family does: Δ, products, sums and the final add in bf16 for a bf16 config); otherwise fp32 throughout
+    low_precision: bool = False
 
     @property
     def doc(self) -> str:
@@ -218,18 +224,21 @@ def merge_method(
     model_pass: Any = None,
     min_inputs: int = 1,
     max_inputs: int | None = None,
+    low_precision: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` (the method on a whole tensor) as merge method ``name``.
 
     ``steps`` is how the engine runs it slice by slice (``fn`` then is ``whole(job, params, steps)``); without it
     the method needs the whole tensor at once and runs as :func:`whole_tensor` (with ``model_pass``, if given).
-    A second registration of a name is an error."""
+    ``low_precision``: see :attr:`MethodInfo.low_precision`. A second registration of a name is an error."""
 
     def register(fn: MethodFn) -> MethodFn:
         if name in REGISTRY:
             raise RuntimeError(f"merge method name {name!r} registered twice")
         run = steps if steps is not None else whole_tensor(fn, model_pass)
-        REGISTRY[name] = MethodInfo(name, fn, params, needs_base, randomized, stats, run, min_inputs, max_inputs)
+        REGISTRY[name] = MethodInfo(
+            name, fn, params, needs_base, randomized, stats, run, min_inputs, max_inputs, low_precision
+        )
         return fn
 
     return register

@@ -81,13 +81,14 @@ def magnitude_threshold(delta: torch.Tensor, density: float) -> float:
 
 
 def mask01(compare, a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:  # noqa: ANN001
-    """``compare(a, b)`` (``torch.ge``, ``torch.gt``, …) as an fp32 0/1 mask in ``a``'s shape.
+    """``compare(a, b)`` (``torch.ge``, ``torch.gt``, …) as a 0/1 mask in ``a``'s shape and floating dtype (fp32
+    for integer ``a``), so masked products stay in the deltas' dtype.
 
-    Written straight into fp32: on CPU a bool mask, ``torch.where`` with scalars and bool × float all take
+    Written straight into a float tensor: on CPU a bool mask, ``torch.where`` with scalars and bool × float all take
     slow non-vectorised paths (5–12× slower than one fp32 op per entry); the comparison with an fp32 ``out``
     runs as fast as a multiply.
     """
-    return compare(a, b, out=torch.empty(a.shape, dtype=torch.float32))
+    return compare(a, b, out=torch.empty(a.shape, dtype=a.dtype if a.is_floating_point() else torch.float32))
 
 
 def trim_by_threshold(delta: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
@@ -198,9 +199,9 @@ def _splitmix64(seed: int, counter: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def as01(mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask as fp32 0/1 (through ``uint8``: 3× faster than ``bool.float()`` on CPU)."""
-    return mask.view(torch.uint8).to(torch.float32)
+def as01(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A bool mask as 0/1 in ``dtype`` (through ``uint8``: 3× faster than ``bool.float()`` on CPU)."""
+    return mask.view(torch.uint8).to(dtype)
 
 
 def rescale_inverse_prob(delta: torch.Tensor, mask: torch.Tensor, keep_prob: torch.Tensor | float) -> torch.Tensor:

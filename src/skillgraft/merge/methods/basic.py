@@ -86,7 +86,7 @@ def _task_arithmetic_apply(job: TensorJob, p: TaskArithmeticParams, ctx: Any, sl
 TASK_ARITHMETIC = Steps(None, _task_arithmetic_apply)
 
 
-@merge_method("task_arithmetic", TaskArithmeticParams, steps=TASK_ARITHMETIC)
+@merge_method("task_arithmetic", TaskArithmeticParams, steps=TASK_ARITHMETIC, low_precision=True)
 def task_arithmetic(job: TensorJob, p: TaskArithmeticParams) -> torch.Tensor:
     """θ = θ₀ + λ·Σ wᵢΔᵢ; with ``normalize`` θ₀ + λ·Σ wᵢΔᵢ / Σ wᵢ. A negative wᵢ removes skill i (task negation).
 

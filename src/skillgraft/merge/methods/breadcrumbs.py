@@ -69,12 +69,12 @@ _SHARED_DOC = """
     mergekit ``breadcrumbs`` / ``breadcrumbs_ties``."""
 
 
-@merge_method("breadcrumbs", BreadcrumbsParams)
+@merge_method("breadcrumbs", BreadcrumbsParams, low_precision=True)
 def breadcrumbs(job: TensorJob, p: BreadcrumbsParams) -> torch.Tensor:
     return combine(crumbs(job, p), job.weights, consensus=False, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
 
 
-@merge_method("breadcrumbs_ties", BreadcrumbsParams)
+@merge_method("breadcrumbs_ties", BreadcrumbsParams, low_precision=True)
 def breadcrumbs_ties(job: TensorJob, p: BreadcrumbsParams) -> torch.Tensor:
     return combine(crumbs(job, p), job.weights, consensus=True, mode=p.mode, normalize=p.normalize, lambda_=p.lambda_)
 

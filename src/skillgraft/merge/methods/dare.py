@@ -47,7 +47,7 @@ def _dare_prepare(job: TensorJob, p: DareParams) -> Any:
             mask[sl] = keep = job.keep(i, sl, p.density)  # the draws _drop takes
             magnitude = delta[sl].abs()
             before += float(magnitude.sum())  # per-slice fp32 sums, accumulated in float64
-            after += float(torch.dot(magnitude, keep.to(torch.float32)))
+            after += float(torch.dot(magnitude, keep.to(magnitude.dtype)))
         return mask, (None if before < 1e-7 or after < 1e-7 else before / after)
 
     # Inputs with their own generators draw in parallel (the generator is single-threaded); a shared one in order.
@@ -68,11 +68,11 @@ def _drop(job: TensorJob, p: DareParams, ctx: Any, sl: slice) -> torch.Tensor:
         delta = job.deltas[i]
         if ctx is not None:
             masks, scales = ctx
-            masked = torch.mul(delta, masks[i][sl].to(torch.float32), out=out[i])
+            masked = torch.mul(delta, masks[i][sl].to(delta.dtype), out=out[i])
             if scales[i] is not None:
                 masked.mul_(scales[i])  # fp32 × the ratio rounded to fp32
             continue
-        mask = job.keep(i, sl, p.density).to(torch.float32)
+        mask = job.keep(i, sl, p.density).to(delta.dtype)
         out[i] = steps.rescale_inverse_prob(delta, mask, p.density) if p.rescale else delta * mask
     return out
 
@@ -99,7 +99,7 @@ DARE_LINEAR = Steps(_dare_prepare, _linear_apply, _dare_needs_whole)
 DARE_TIES = Steps(_dare_prepare, _ties_apply, _dare_needs_whole)
 
 
-@merge_method("dare_linear", DareParams, randomized=True, steps=DARE_LINEAR)
+@merge_method("dare_linear", DareParams, randomized=True, steps=DARE_LINEAR, low_precision=True)
 def dare_linear(job: TensorJob, p: DareParams) -> torch.Tensor:
     """DARE + task arithmetic: Δ = λ · Σ wᵢ·DARE(Δᵢ) (÷ Σ wᵢ when ``normalize``; default false in both modes).
 
@@ -119,7 +119,7 @@ def dare_linear(job: TensorJob, p: DareParams) -> torch.Tensor:
     return whole(job, p, DARE_LINEAR)
 
 
-@merge_method("dare_ties", DareParams, randomized=True, steps=DARE_TIES)
+@merge_method("dare_ties", DareParams, randomized=True, steps=DARE_TIES, low_precision=True)
 def dare_ties(job: TensorJob, p: DareParams) -> torch.Tensor:
     """DARE + TIES sign election: Δ = λ · disjoint_merge(elect_sign(DARE(Δᵢ))); DARE replaces the TIES trim.
 

@@ -66,13 +66,13 @@ _SHARED_DOC = """
     ``della_linear``."""
 
 
-@merge_method("della", DellaParams, randomized=True)
+@merge_method("della", DellaParams, randomized=True, low_precision=True)
 def della(job: TensorJob, p: DellaParams) -> torch.Tensor:
     normalize = p.normalize if p.normalize is not None else True
     return combine(magprune(job, p), job.weights, consensus=True, mode=p.mode, normalize=normalize, lambda_=p.lambda_)
 
 
-@merge_method("della_linear", DellaParams, randomized=True)
+@merge_method("della_linear", DellaParams, randomized=True, low_precision=True)
 def della_linear(job: TensorJob, p: DellaParams) -> torch.Tensor:
     normalize = p.normalize if p.normalize is not None else False
     return combine(magprune(job, p), job.weights, consensus=False, mode=p.mode, normalize=normalize, lambda_=p.lambda_)

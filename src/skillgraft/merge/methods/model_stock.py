@@ -34,7 +34,7 @@ def mean_pairwise_cos(rows: torch.Tensor) -> torch.Tensor:
     return torch.stack(cos).mean(dim=0)
 
 
-@merge_method("model_stock", ModelStockParams, min_inputs=2)
+@merge_method("model_stock", ModelStockParams, needs_base=True, min_inputs=2)
 def model_stock(job: TensorJob, p: ModelStockParams) -> torch.Tensor:
     """Model Stock: Δ = t · (Σᵢ Δᵢ / N), t = N·cos θ / (1 + (N − 1)·cos θ), for N ≥ 2 fine-tunes of the base.
 
@@ -46,18 +46,37 @@ def model_stock(job: TensorJob, p: ModelStockParams) -> torch.Tensor:
     t is 0: that tensor or row keeps the base. User weights are ignored. Defaults: filter_wise false
     (mergekit's). Edge cases: all-zero deltas → cos 0 → the base; identical deltas → cos 1, t 1 → that Δ.
     Compute dtype fp32; the result is returned as a delta (θ − θ₀), so it can differ from mergekit's
-    t·avg + (1 − t)·θ₀ by fp32 rounding (one bf16 step at most after the cast, see the end-to-end test).
+    t·avg + (1 − t)·θ₀ by fp32 rounding (one bf16 step at most after the cast, see the end-to-end test). With a
+    16-bit compute dtype (a mergekit YAML's ``dtype: bfloat16``) it computes as mergekit does, in that dtype:
+    offsets θᵢ − θ₀, cosines, t, mean(θᵢ) and t·mean + (1 − t)·θ₀ all rounded to it.
     Reference: Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned models" (arXiv:2403.19522);
     mergekit ``model_stock``.
     """
     n, shape = job.n, job.deltas.shape[1:]
+    low = job.compute_dtype if job.compute_dtype.itemsize < 4 else None
+    deltas = job.deltas
+    if low is not None:  # mergekit's arithmetic in the compute dtype: offsets θᵢ − θ₀ rounded to it
+        assert job.base is not None
+        base = job.base.to(low)
+        models = [(job.base + d).to(low) for d in job.deltas]  # θᵢ exactly (each was read in ``low``)
+        deltas = torch.stack([m - base for m in models])
     if p.filter_wise:
-        rows = job.deltas.reshape(n, 1, -1) if len(shape) <= 1 else job.deltas.reshape(n, -1, shape[-1])
+        rows = deltas.reshape(n, 1, -1) if len(shape) <= 1 else deltas.reshape(n, -1, shape[-1])
     else:
-        rows = job.deltas.reshape(n, -1)
+        rows = deltas.reshape(n, -1)
     cos = mean_pairwise_cos(rows).unsqueeze(-1)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denominator))
-    mean = rows.sum(dim=0) / n
-    return (t * mean).reshape(shape)
+    if low is None:
+        return (t * (rows.sum(dim=0) / n)).reshape(shape)
+    # θ = t·mean(θᵢ) + (1 − t)·θ₀ in ``low``, as mergekit computes it; its Δ in fp32 is exact, so the engine's
+    # θ₀ + Δ gives that θ back
+    rows_of = (
+        (lambda x: x.reshape(1, -1) if len(shape) <= 1 else x.reshape(-1, shape[-1]))
+        if p.filter_wise
+        else (lambda x: x.reshape(-1))
+    )
+    average = sum(rows_of(m) for m in models) / n
+    merged = (t * average + (1 - t) * rows_of(base)).reshape(shape)
+    return merged.float() - job.base

@@ -96,7 +96,7 @@ def apply_trim(job: TensorJob, ctx: Any, sl: slice) -> torch.Tensor:
     if kind == "exact":
         return torch.stack(
             [
-                job.deltas[i] * steps.as01(e[sl])
+                job.deltas[i] * steps.as01(e[sl], job.deltas.dtype)
                 if isinstance(e, torch.Tensor)
                 else steps.position_trim(job.deltas[i], e, sl)
                 for i, e in enumerate(per_input)
@@ -186,7 +186,7 @@ def _ties_apply(job: TensorJob, p: TiesParams, ctx: Any, sl: slice) -> torch.Ten
 TIES = Steps(_ties_prepare, _ties_apply, lambda p: p.trim_scope != "global" and p.density < 1, _ties_model_pass)
 
 
-@merge_method("ties", TiesParams, steps=TIES)
+@merge_method("ties", TiesParams, steps=TIES, low_precision=True)
 def ties(job: TensorJob, p: TiesParams) -> torch.Tensor:
     """TIES: Δ = λ · disjoint_merge(elect_sign(trim(Δᵢ))).
 
