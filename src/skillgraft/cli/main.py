@@ -56,6 +56,7 @@ def _register() -> None:
         library_cmd,
         lora_cmd,
         merge_cmd,
+        moe_cmd,
         report_cmd,
         route_cmd,
         skill_cmd,
