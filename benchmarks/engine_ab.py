@@ -21,8 +21,11 @@ sys.path.insert(0, str(HERE))
 
 import merge_vs_mergekit as mvm  # noqa: E402
 
-CASES = {  # name -> (method, mergekit YAML?, extra parameters for our YAML)
+CASES = {  # name -> (method, mergekit YAML? (with its dtype), extra parameters for our YAML)
     "task_arithmetic": ("task_arithmetic", True, {}),
+    # mergekit YAMLs with dtype: bfloat16 (most published ones): computed in bf16 since the compute-dtype change
+    "task_arithmetic_bf16": ("task_arithmetic", "bfloat16", {}),
+    "ties_mergekit_bf16": ("ties", "bfloat16", {}),
     "ties_mergekit": ("ties", True, {}),
     "dare_ties_mergekit": ("dare_ties", True, {}),
     "ties_paper": ("ties", False, {"density": mvm.DENSITY}),
@@ -55,7 +58,12 @@ def main() -> int:
     for case in a.cases.split(","):
         method, mergekit, params = CASES[case]
         cfg = work / f"{case}.yaml"
-        text = mvm.mk_yaml(method, base, tunes) if mergekit else mvm.sg_yaml(method, base, tunes, mvm.WEIGHTS, params)
+        compute = mergekit if isinstance(mergekit, str) else "float32"
+        text = (
+            mvm.mk_yaml(method, base, tunes, compute)
+            if mergekit
+            else mvm.sg_yaml(method, base, tunes, mvm.WEIGHTS, params)
+        )
         cfg.write_text(text)
         times: dict[str, list[float]] = {"old": [], "new": []}
         for rep in range(a.repeats):

@@ -73,6 +73,12 @@ CASES: dict[str, tuple[str, dict, dict, float | None]] = {
     "dare_ties_no_density": ("dare_ties", {}, {}, None),
     "breadcrumbs_ties_no_density": ("breadcrumbs_ties", {}, {}, None),
     "della_linear_no_density": ("della_linear", {}, {}, None),
+    # mergekit's other defaults: gamma 0.01 (density < 1 makes it matter), and the normalize default of
+    # dare_linear (false) and della (true; its consensus makes the divisor matter)
+    "breadcrumbs_default_gamma": ("breadcrumbs_ties", {"density": 0.6}, {}, None),
+    "dare_linear_no_density": ("dare_linear", {}, {}, None),
+    "della_no_density": ("della", {}, {}, None),
+    "della_default_epsilon": ("della", {"density": 0.5}, {}, None),
     "model_stock": ("model_stock", {}, {}, None),
     "model_stock_filter_wise": ("model_stock", {}, {"filter_wise": True}, None),
     "nearswap": ("nearswap", {}, {"t": 0.0005}, None),
@@ -91,10 +97,19 @@ CASES: dict[str, tuple[str, dict, dict, float | None]] = {
     ),
     # a weight gradient over the layers (per model) with TIES
     "ties_weight_gradient": ("ties", {"density": 0.5, "weight": [0.2, 0.8]}, {"normalize": True}, None),
+    # SCE (weights ignored: each model weighs its mean squared Δ), and with the variance top-k selection (the
+    # count 0.7·#varying is taken in fp32); RAM with its default epsilon and one that leaves ft_b unique on ~5% of
+    # the entries; Arcee Fusion (one fine-tune, no parameters)
+    "sce": ("sce", {}, {}, None),
+    "sce_topk": ("sce", {}, {"select_topk": 0.7}, None),
+    "ram": ("ram", {}, {}, None),
+    "ram_epsilon": ("ram", {}, {"epsilon": 1e-4}, None),
+    "arcee_fusion": ("arcee_fusion", {}, {}, None),
     # the spherical methods: karcher averages base_model's weights with the models' (mergekit adds the unlisted
     # base as an input); multislerp and nuslerp interpolate the deltas from base_model
     "karcher": ("karcher", {}, {}, None),
-    "karcher_params": ("karcher", {}, {"max_iter": 1, "tol": 1e-7}, None),
+    # tol 0.5: every angle is below it (no step is taken) and k_proj/v_proj (‖θ‖ ≈ 0.44) merge to 0
+    "karcher_params": ("karcher", {}, {"max_iter": 3, "tol": 0.5}, None),
     "multislerp": ("multislerp", {}, {}, None),
     # equal per-tensor weights from a gradient, not normalised (their sum runs from 0.4 to 1.6), and a larger eps
     "multislerp_no_normalize": ("multislerp", {"weight": [0.2, 0.8]}, {"normalize_weights": False, "eps": 1e-3}, None),
@@ -109,7 +124,7 @@ CASES: dict[str, tuple[str, dict, dict, float | None]] = {
 # Cases whose YAML has no base_model.
 NO_BASE = {"karcher_no_base", "multislerp_no_base", "nuslerp_no_base"}
 # Cases that merge fewer fine-tunes than RELS lists (nearswap takes exactly one besides the base).
-ONLY: dict[str, tuple[str, ...]] = {"nearswap": ("ft_a",), "slerp_filters": ("ft_a",)}
+ONLY: dict[str, tuple[str, ...]] = {"nearswap": ("ft_a",), "slerp_filters": ("ft_a",), "arcee_fusion": ("ft_a",)}
 # The cases above run with ``dtype: float32`` (mergekit computes in fp32). Published configs nearly all name
 # bfloat16 or float16, and mergekit then loads every tensor in that dtype and computes in it: these variants
 # are the same configs with (case, dtype, out_dtype); dtype None leaves the key out (mergekit then computes in the
@@ -137,11 +152,133 @@ LOW_PRECISION: dict[str, tuple[str, str | None, str]] = {
     "linear_fp16": ("linear", "float16", "bfloat16"),
     "task_arithmetic_fp16": ("task_arithmetic", "float16", "bfloat16"),
     "ties_fp16": ("ties", "float16", "bfloat16"),
+    # the spherical methods in bf16 (mergekit computes every step in it), and karcher in the checkpoints' dtype
+    **{
+        f"{c}_bf16": (c, "bfloat16", "bfloat16")
+        for c in ("karcher", "multislerp", "multislerp_no_base", "nuslerp", "nuslerp_row_wise", "nuslerp_no_base")
+    },
+    "karcher_stored": ("karcher", None, "bfloat16"),
+    # sce and ram compute in bf16 as mergekit does, arcee_fusion on the bf16 parameters; and sce without dtype
+    **{f"{c}_bf16": (c, "bfloat16", "bfloat16") for c in ("sce", "sce_topk", "ram", "ram_epsilon", "arcee_fusion")},
+    "sce_stored": ("sce", None, "bfloat16"),
 }
 for _case, (_of, _, _) in LOW_PRECISION.items():
     CASES[_case] = CASES[_of]
     if _of in ONLY:
         ONLY[_case] = ONLY[_of]
+    if _of in NO_BASE:
+        NO_BASE.add(_case)
+
+_T = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.5, 0]}, {"value": 0.5}]
+# Whole YAMLs, for what the shape of CASES cannot say: layer layouts (``slices``).
+RAW: dict[str, dict] = {
+    # a frankenmerge: 4 blocks stacked from three models (embeddings from the first slice's, norm from the last's)
+    "passthrough_frankenmerge": {
+        "slices": [
+            {"sources": [{"model": "./base", "layer_range": [0, 2]}]},
+            {"sources": [{"model": "./ft_a", "layer_range": [0, 1]}]},
+            {"sources": [{"model": "./ft_b", "layer_range": [1, 2]}]},
+        ],
+        "merge_method": "passthrough",
+        "dtype": "bfloat16",
+    },
+    "passthrough_one_model": {"models": [{"model": "./ft_a"}], "merge_method": "passthrough", "dtype": "bfloat16"},
+    # the SLERP config most often published: one slice over every block of both models, per-filter t gradients
+    "slerp_slices": {
+        "slices": [
+            {"sources": [{"model": "./base", "layer_range": [0, 2]}, {"model": "./ft_a", "layer_range": [0, 2]}]}
+        ],
+        "merge_method": "slerp",
+        "base_model": "./base",
+        "parameters": {"t": _T},
+        "dtype": "bfloat16",
+    },
+    # two one-block slices over the same models: gradients resolve within each slice (position 1 in both)
+    "ties_two_slices": {
+        "slices": [
+            {"sources": [{"model": f"./{m}", "layer_range": [k, k + 1]} for m in ("base", "ft_a", "ft_b")]}
+            for k in (0, 1)
+        ],
+        "merge_method": "ties",
+        "base_model": "./base",
+        "parameters": {"density": 0.5, "weight": [0.2, 0.8], "normalize": True},
+        "dtype": "bfloat16",
+    },
+    # blocks reordered: output block 0 merges the models' block 1, output block 1 their block 0
+    "task_arithmetic_swapped_slices": {
+        "slices": [
+            {"sources": [{"model": f"./{m}", "layer_range": [1 - k, 2 - k]} for m in ("base", "ft_a", "ft_b")]}
+            for k in (0, 1)
+        ],
+        "merge_method": "task_arithmetic",
+        "base_model": "./base",
+        "parameters": {"weight": 0.5, "lambda": 0.9},
+        "dtype": "bfloat16",
+    },
+}
+# mergekit's own examples/ (github.com/arcee-ai/mergekit, examples/*.yml), adapted to the local models: model names
+# replaced by base / ft_a / ft_b and layer ranges scaled to 2 blocks; everything else as written there. Examples
+# left out, and why (docs/merging.md): ties.yml (ranked_ties: not a mergekit 0.1.5 method, 0.1.5 refuses it),
+# linear_small.yml and metrics-*.yml (no merge_method: not merge configs), mega.yml (a multi-stage
+# mergekit-mega file), vlm-*/whisper-*/evo_bert_large (other architectures), cabs/chipalign/core_space/lrp/zipit
+# (methods mergekit 0.1.5 does not have).
+EXAMPLES: dict[str, dict] = {
+    # examples/gradient-slerp.yml: its conditions say ``pattern``, a key mergekit 0.1.5 ignores (it reads
+    # ``filter``), so its first condition matches every tensor; we do the same, with a warning
+    "example_gradient_slerp": {
+        "slices": [
+            {"sources": [{"model": "./base", "layer_range": [0, 2]}, {"model": "./ft_a", "layer_range": [0, 2]}]}
+        ],
+        "merge_method": "slerp",
+        "base_model": "./base",
+        "parameters": {
+            "t": [
+                {"pattern": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"pattern": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+        "dtype": "float16",
+    },
+    # examples/orcamini-platy-44layer.yml: overlapping ranges of two models stacked (24 + 20 of 40 → 2 + 1 of 2)
+    "example_orcamini_platy_44layer": {
+        "slices": [
+            {"sources": [{"model": "./ft_a", "layer_range": [0, 2]}]},
+            {"sources": [{"model": "./ft_b", "layer_range": [1, 2]}]},
+        ],
+        "merge_method": "passthrough",
+        "dtype": "float16",
+    },
+    # examples/gpt2-small.yml: the first blocks of one model (8 of 12 → 1 of 2)
+    "example_gpt2_small": {
+        "slices": [{"sources": [{"model": "./ft_a", "layer_range": [0, 1]}]}],
+        "merge_method": "passthrough",
+        "dtype": "float16",
+    },
+    # examples/bio-merge.yml
+    "example_bio_merge": {
+        "models": [
+            {"model": "./ft_a", "parameters": {"density": 0.5, "weight": 0.5}},
+            {"model": "./ft_b", "parameters": {"density": 0.5, "weight": 0.5}},
+        ],
+        "merge_method": "ties",
+        "base_model": "./base",
+        "parameters": {"normalize": False, "int8_mask": True},
+        "dtype": "float16",
+    },
+    # examples/linear.yml: three models, no base_model
+    "example_linear": {
+        "models": [
+            {"model": "./base", "parameters": {"weight": 1.0}},
+            {"model": "./ft_a", "parameters": {"weight": 0.3}},
+            {"model": "./ft_b", "parameters": {"weight": 0.5}},
+        ],
+        "merge_method": "linear",
+        "dtype": "float16",
+    },
+}
+RAW.update(EXAMPLES)
+ALL = [*CASES, *RAW]
 
 
 def layout() -> tuple[dict, list[tuple[str, tuple[int, ...]]]]:
@@ -196,6 +333,8 @@ def load(path: Path) -> dict[str, torch.Tensor]:
 
 def mergekit_yaml(case: str) -> str:
     """The mergekit YAML of one case; model paths are relative (mergekit: to its cwd; skillgraft: to the file)."""
+    if case in RAW:
+        return yaml.safe_dump(RAW[case], sort_keys=False)
     method, per_model, params, base_weight = CASES[case]
     models = [("./base", base_weight)] if base_weight is not None else []
     models += [(f"./{m}", w) for m, w in zip(RELS, WEIGHTS) if m in ONLY.get(case, RELS)]
@@ -246,14 +385,14 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("SKILLGRAFT_MERGEKIT_PY", "/tmp/mkvenv/bin/python"),
         help="a python with mergekit 0.1.5 (default $SKILLGRAFT_MERGEKIT_PY or /tmp/mkvenv/bin/python)",
     )
-    p.add_argument("--cases", nargs="+", choices=sorted(CASES), help="regenerate only these cases (default: all)")
+    p.add_argument("--cases", nargs="+", choices=sorted(ALL), help="regenerate only these cases (default: all)")
     a = p.parse_args(argv)
     DATA.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dirs = write_inputs(root)
         n_params = sum(t.numel() for t in load(dirs["base"]).values())
-        for case in a.cases or CASES:
+        for case in a.cases or ALL:
             text = mergekit_yaml(case)
             (root / f"{case}.yaml").write_text(text)
             run_mergekit(a.mergekit_py, root / f"{case}.yaml", root / f"out-{case}")

@@ -26,7 +26,10 @@ NOT_IDENTITY = {
     "consensus": "an entry needs k = 2 tasks' masks; one input reaches no consensus",
     "slerp": "needs exactly two inputs; checked with two equal inputs instead",
     "model_stock": "needs two or more inputs; checked with two equal inputs instead (cos 1, t 1)",
+    "nuslerp": "needs exactly two inputs; checked with two equal inputs instead",
     "nearswap": "moves each entry by at most t towards the input",
+    "arcee_fusion": "moves only the entries whose importance passes the outlier fence",
+    "passthrough": "takes no inputs: it copies the base (or a layer layout's view of its sources)",
 }
 # Parameters a method requires (no default), as mergekit requires them.
 REQUIRED = {"nearswap": {"t": 0.02}}
@@ -41,7 +44,16 @@ WEIGHTLESS = {
     "layer_swap": "copies the chosen input's Δ unchanged",
     "model_stock": "the ratio t comes from the deltas' angles, not from weights",
     "nearswap": "one input, moved by at most t",
+    "karcher": "a uniform mean of the inputs' weights (mergekit's karcher takes no weights)",
+    "nuslerp": "weights only set the ratio t = w₂ / (w₁ + w₂); all zero gives t = 0.5, not the base",
+    "sce": "weights each input by its mean squared Δ (mergekit's sce takes no weights)",
+    "ram": "keeps unique entries whole and averages shared ones (mergekit's ram takes no weights)",
+    "arcee_fusion": "one input, masked by importance",
+    "passthrough": "takes no inputs",
 }
+# Methods that compute on the full weights θᵢ = θ₀ + Δᵢ (|θ₀| up to ~3 here, 50× |Δ|): another input order rounds
+# at θ's scale, so results agree within a few fp32 steps of θ (2.4e-7 each) rather than of Δ.
+THETA_SPACE = {"karcher": "a mean of the inputs' full weights on the sphere"}
 
 
 def params_of(info: MethodInfo, values: dict | None = None) -> Any:
@@ -98,7 +110,7 @@ def permuted(job: TensorJob, perm: list[int]) -> TensorJob:
     )
 
 
-EQUAL_PAIR = ("slerp", "model_stock")  # checked for identity with two equal inputs
+EQUAL_PAIR = ("slerp", "model_stock", "nuslerp")  # checked for identity with two equal inputs
 IDENTITY = [m for m in METHODS if m.name not in NOT_IDENTITY or m.name in EQUAL_PAIR]
 UNORDERED = [m for m in METHODS if m.name not in ORDERED and (m.max_inputs or 3) >= 3]
 WEIGHTED = [m for m in METHODS if m.name not in WEIGHTLESS]
@@ -137,7 +149,7 @@ def test_input_order_does_not_matter(info: MethodInfo) -> None:
         torch.testing.assert_close(info.fn(a_job, dense), info.fn(b_job, dense), rtol=1e-6, atol=1e-7)
         assert abs(int((a != 0).sum()) - int((b != 0).sum())) <= SHAPE[0] * SHAPE[1] // 2
     else:
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 if info.name in THETA_SPACE else 1e-7)
 
 
 def draw_case(data: st.DataObject, info: MethodInfo) -> tuple[torch.Tensor, torch.Tensor, Any, int]:

@@ -41,7 +41,7 @@ def merge(
     from skillgraft.merge.config import check_dtype, load_config
     from skillgraft.merge.engine import MergeOptions, plan_merge, run_merge
 
-    compute_dtype = check_dtype(compute_dtype, "--compute-dtype")
+    compute = check_dtype(compute_dtype, "--compute-dtype")
     cfg = load_config(config)
     opts = MergeOptions(
         out=out,
@@ -53,7 +53,7 @@ def merge(
         library=library,
         allow_pickle=allow_pickle,
         dry_run=dry_run,
-        compute_dtype=compute_dtype,
+        compute_dtype=compute,
     )
     plan = plan_merge(cfg, opts)
     for note in plan.warnings:

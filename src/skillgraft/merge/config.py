@@ -19,12 +19,30 @@ DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 OUR_KEYS = {"base", "method", "parameters", "inputs", "out_dtype", "compute_dtype", "seed", "examples", "num_examples"}
 INPUT_KEYS = {"source", "weight", "blocks"}
-MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
+MERGEKIT_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
+MERGEKIT_TOKENIZER_KEYS = {"tokenizer_source", "tokenizer", "chat_template"}  # merge/vocab.py
 # mergekit's own top-level keys that skillgraft does not take yet: refused by name (any other top-level key,
 # such as ``out_path``, mergekit ignores, and so do we, with a warning)
-MERGEKIT_UNSUPPORTED = {"modules", "slices", "tokenizer_source", "tokenizer", "chat_template"}
+MERGEKIT_UNSUPPORTED = {"modules"}
 MERGEKIT_MODEL_KEYS = {"model", "parameters"}
-MERGEKIT_PARAMS = {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "t", "int8_mask", "filter_wise"}
+MERGEKIT_PARAMS = {
+    "weight",
+    "density",
+    "gamma",
+    "epsilon",
+    "lambda",
+    "normalize",
+    "t",
+    "int8_mask",
+    "filter_wise",
+    "max_iter",
+    "tol",
+    "normalize_weights",
+    "eps",
+    "nuslerp_row_wise",
+    "nuslerp_flatten",
+    "select_topk",
+}
 # mergekit's sparsifying methods keep every entry unless ``density`` is given (its default is 1.0, not ours)
 MERGEKIT_DENSITY_METHODS = {
     "ties",
@@ -48,9 +66,13 @@ MERGEKIT_METHODS = {
     "slerp": "slerp",
     "model_stock": "model_stock",
     "nearswap": "nearswap",
+    "passthrough": "passthrough",
     "karcher": "karcher",
     "multislerp": "multislerp",
     "nuslerp": "nuslerp",
+    "sce": "sce",
+    "ram": "ram",
+    "arcee_fusion": "arcee_fusion",
 }
 
 
@@ -99,6 +121,10 @@ class MergeConfig:
     # ``dtype``, or mergekit's behaviour without one (see merge/plan.py)
     compute_dtype: str | None = None
     ignored: tuple[str, ...] = ()  # top-level keys of a mergekit YAML that mergekit ignores (``out_path``)
+    layout: tuple | None = None  # mergekit ``slices``: a tuple of merge.layout.OutputSlice (None: layer for layer)
+    # mergekit ``tokenizer_source`` / ``tokenizer`` / ``chat_template``: a merge.vocab.TokenizerSpec (None: the
+    # base's tokenizer files are copied as they are)
+    tokenizer: Any = None
 
     def weights_for(self, name: str, position: float = 0.0) -> list[float]:
         """Each input's weight for tensor ``name`` (its block weight where one matches; a mergekit gradient or
@@ -127,7 +153,14 @@ class MergeConfig:
 
         inputs = tuple(dataclasses.replace(i, source=fix(i.source)) for i in self.inputs)
         ex = fix(self.examples) if self.examples else None
-        return dataclasses.replace(self, base=fix(self.base), inputs=inputs, examples=ex)
+        layout = self.layout
+        if layout is not None:
+            layout = tuple(
+                dataclasses.replace(s, sources=tuple(dataclasses.replace(x, model=fix(x.model)) for x in s.sources))
+                for s in layout
+            )
+        tok = self.tokenizer.with_paths(fix) if self.tokenizer is not None else None
+        return dataclasses.replace(self, base=fix(self.base), inputs=inputs, examples=ex, layout=layout, tokenizer=tok)
 
 
 def resolve_setting(setting: Any, name: str, position: float, default: Any) -> Any:
@@ -161,9 +194,11 @@ def resolve_setting(setting: Any, name: str, position: float, default: Any) -> A
     return default
 
 
-def check_setting(setting: Any, where: str) -> None:
+def check_setting(setting: Any, where: str, ignored: list[str] | None = None) -> None:
     """A mergekit parameter setting is a scalar, a gradient (a list of scalars), or a list of ``{filter, value}``
-    conditions whose value is a scalar or a gradient; anything else is named in a one-line error."""
+    conditions whose value is a scalar or a gradient; anything else is named in a one-line error. Other keys of a
+    condition (``pattern``, an older spelling) mergekit ignores — the condition then matches every tensor —: with
+    ``ignored`` given they are appended to it (and ignored alike), else refused."""
     scalar = (bool, int, float, str)
     if isinstance(setting, scalar):
         return
@@ -173,7 +208,9 @@ def check_setting(setting: Any, where: str) -> None:
     if isinstance(conds, list) and conds and all(isinstance(c, dict) for c in conds):
         for i, c in enumerate(conds):
             extra = sorted(set(c) - {"filter", "value"})
-            if extra or "value" not in c:
+            if extra and ignored is not None and "value" in c:
+                ignored.extend(f"{where}[{i}].{k}" for k in extra)
+            elif extra or "value" not in c:
                 raise InputError(
                     f"{where}[{i}]: a condition takes 'value' and optionally 'filter', not {sorted(c)}",
                     hint="e.g. [{filter: self_attn, value: [0, 0.5, 1]}, {value: 0.5}]",
@@ -229,12 +266,17 @@ def from_dict(d: dict, source_file: str | None = None) -> MergeConfig:
         raise InputError("a merge config must be a YAML mapping")
     if "merge_method" in d:
         return from_mergekit(d, source_file)
+    if "experts" in d and "base" not in d:
+        raise InputError(
+            "this is a mergekit-moe config (it lists 'experts'), not a merge config",
+            hint="build the mixture of experts with: skillgraft moe CONFIG -o OUT",
+        )
     _unknown(set(d), OUR_KEYS, "config", "skillgraft")
     for key in ("base", "method", "inputs"):
         if key not in d:
             raise InputError(f"config: missing required key {key!r}", hint="see docs/merging.md for the schema")
-    if not isinstance(d["inputs"], list) or not d["inputs"]:
-        raise InputError("config: 'inputs' must be a non-empty list")
+    if not isinstance(d["inputs"], list):  # how many a method takes is checked against it when planning
+        raise InputError("config: 'inputs' must be a list")
     inputs = []
     for i, item in enumerate(d["inputs"]):
         item = {"source": item} if isinstance(item, str) else item
@@ -284,13 +326,13 @@ def _chain(first: Any, then: Any) -> Any:
     return first  # a scalar or a gradient always resolves
 
 
-def _mk_input(source: str, own: Any, shared: Any, i: int) -> MergeInput:
+def _mk_input(source: str, own: Any, shared: Any, i: int, ignored: list[str]) -> MergeInput:
     """A mergekit model's input: its weight (a number, or a gradient / filter list resolved per tensor; its own
     setting first, then the top-level one, then 1.0)."""
     setting = _chain(own, shared) if own is not None else shared
     if setting is None:
         return MergeInput(source, 1.0)
-    check_setting(setting, f"models[{i}].parameters.weight")
+    check_setting(setting, f"models[{i}].parameters.weight", ignored)
     if isinstance(setting, (int, float)) and not isinstance(setting, bool):
         return MergeInput(source, _weight(setting, f"models[{i}]"))
     nominal = resolve_setting(setting, "", 0.0, 1.0)
@@ -318,16 +360,25 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
             f"mergekit config: key(s) {', '.join(map(repr, unsupported))} not supported by skillgraft yet",
             hint="remove them, or merge this config with mergekit itself (docs/merging.md lists what is supported)",
         )
-    ignored = tuple(sorted(set(d) - MERGEKIT_KEYS))
+    ignored = sorted(set(d) - MERGEKIT_KEYS - MERGEKIT_TOKENIZER_KEYS)
     method = MERGEKIT_METHODS.get(d["merge_method"])
     if method is None:
         raise InputError(
             f"mergekit method {d['merge_method']!r} is not supported in mergekit configs",
             hint=f"supported: {', '.join(sorted(MERGEKIT_METHODS))}",
         )
+    layout = None
+    if "slices" in d:
+        if d.get("models"):
+            raise InputError("mergekit config: give 'models' or 'slices', not both (mergekit's rule)")
+        slice_models, layout = _from_slices(d["slices"], method)
+        d = {**d, "models": slice_models}
     models = d.get("models") or []
     if not isinstance(models, list) or not all(isinstance(m, dict) and "model" in m for m in models):
         raise InputError("mergekit config: 'models' must be a list of mappings with a 'model' key")
+    tokenizer = _tokenizer_spec(d, models, layout)
+    if method == "passthrough":
+        return dataclasses.replace(_passthrough(d, models, layout, tuple(ignored), source_file), tokenizer=tokenizer)
     base = d.get("base_model")
     # mergekit's linear averages every listed model, base_model included (its Δ is 0 but its weight counts in the
     # normalizer), so a listed base stays an input; the other methods leave base_model out of their inputs.
@@ -367,7 +418,7 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
         if lifted is not None:  # mergekit looks at a model's own setting first, then the top-level one
             global_params[key] = _chain(lifted, global_params.get(key))
     for key, value in global_params.items():
-        check_setting(value, f"parameters.{key}")
+        check_setting(value, f"parameters.{key}", ignored)
     int8_mask = global_params.pop("int8_mask", False)  # mergekit stores its masks as int8: no number changes
     if not isinstance(int8_mask, bool):
         raise InputError(f"mergekit config: int8_mask must be true or false, not {int8_mask!r}")
@@ -375,7 +426,8 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
         global_params.setdefault("density", 1.0)
     default_w = global_params.pop("weight", None)
     inputs = tuple(
-        _mk_input(str(m["model"]), p.get("weight"), default_w, i) for i, (m, p) in enumerate(zip(entries, per_model))
+        _mk_input(str(m["model"]), p.get("weight"), default_w, i, ignored)
+        for i, (m, p) in enumerate(zip(entries, per_model))
     )
     if method == "slerp":
         inputs = tuple(MergeInput(i.source, 1.0) for i in inputs)
@@ -402,7 +454,105 @@ def from_mergekit(d: dict, source_file: str | None = None) -> MergeConfig:
         "mergekit",
         source_file,
         check_dtype(d.get("dtype"), "dtype") or "stored",  # mergekit computes in its inputs' (promoted) dtype
-        ignored,
+        tuple(ignored),
+        layout,
+        tokenizer,
+    )
+
+
+def _tokenizer_spec(d: dict, models: list, layout: tuple | None) -> Any:
+    """mergekit's tokenizer keys (merge/vocab.py); the models whose rows are re-indexed in mergekit's order: those
+    listed, then base_model where it is not."""
+    if not MERGEKIT_TOKENIZER_KEYS & set(d):
+        return None
+    from skillgraft.merge.vocab import parse_tokenizer
+
+    if layout is not None and (d.get("tokenizer_source") is not None or d.get("tokenizer") is not None):
+        raise InputError(
+            "mergekit config: 'tokenizer_source' / 'tokenizer' with 'slices' is not supported yet",
+            hint="merge with 'models' to build a tokenizer, or drop the tokenizer keys",
+        )
+    names = list(dict.fromkeys(str(m["model"]) for m in models))
+    base = d.get("base_model")
+    if base is not None and str(base) not in names:
+        names.append(str(base))
+    if not names:
+        raise InputError("mergekit config: a tokenizer needs at least one model")
+    return parse_tokenizer(d, names, str(base) if base is not None else None)
+
+
+def _from_slices(slices: Any, method: str) -> tuple[list[dict], tuple]:
+    """mergekit ``slices`` as the models they merge (each with its parameters) and the layout. A merge's slices
+    must all merge the same models (each over its own layer range); passthrough's take one source each."""
+    from skillgraft.merge.layout import OutputSlice, SliceSource, check_layout
+
+    if not isinstance(slices, list) or not slices:
+        raise InputError("mergekit config: 'slices' must be a non-empty list of {sources: [...]}")
+    out: list = []
+    params_of: dict[str, dict] = {}
+    for k, s in enumerate(slices):
+        if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
+            raise InputError(f"mergekit config: slices[{k}] must be a mapping with a non-empty 'sources' list")
+        _unknown(set(s), {"sources"}, f"slices[{k}]", "mergekit")
+        sources = []
+        for j, src in enumerate(s["sources"]):
+            where = f"slices[{k}].sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                raise InputError(f"mergekit config: {where} needs 'model' and 'layer_range'")
+            _unknown(set(src), {"model", "layer_range", "parameters"}, where, "mergekit")
+            lr = src["layer_range"]
+            if not (isinstance(lr, list) and len(lr) == 2 and all(type(x) is int for x in lr)):
+                raise InputError(f"mergekit config: {where}.layer_range must be two integers [first, end)")
+            model, p = str(src["model"]), src.get("parameters") or {}
+            if params_of.setdefault(model, p) != p:
+                raise InputError(
+                    f"mergekit config: {where}: {model}'s parameters differ from another slice's",
+                    hint="skillgraft takes one set of parameters per model across slices",
+                )
+            sources.append(SliceSource(model, lr[0], lr[1]))
+        out.append(OutputSlice(tuple(sources)))
+    layout = tuple(out)
+    check_layout(layout)
+    first = [x.model for x in layout[0].sources]
+    for k, s in enumerate(layout):
+        if method == "passthrough" and len(s.sources) != 1:
+            raise InputError(f"mergekit config: slices[{k}]: passthrough takes exactly one source per slice")
+        if method != "passthrough" and [x.model for x in s.sources] != first:
+            raise InputError(
+                f"mergekit config: slices[{k}] merges other models than slices[0]",
+                hint="every slice of a merge must list the same models in the same order (or use passthrough)",
+            )
+    return [{"model": m, "parameters": p} for m, p in params_of.items()], layout
+
+
+def _passthrough(d: dict, models: list, layout: tuple | None, ignored: tuple, source_file: str | None) -> MergeConfig:
+    """passthrough copies tensors: one model as it is, or the blocks that ``slices`` name (a frankenmerge)."""
+    if layout is None and len(models) != 1:
+        raise InputError(
+            f"mergekit config: passthrough copies one model, the config lists {len(models)}",
+            hint="list exactly one model, or stack layers with 'slices'",
+        )
+    for i, m in enumerate(models):
+        _unknown(set(m), MERGEKIT_MODEL_KEYS, f"models[{i}]", "mergekit")
+        if m.get("parameters"):
+            raise InputError(
+                f"mergekit config: passthrough parameters ({', '.join(map(repr, m['parameters']))}) are not "
+                "supported yet",
+                hint="remove them (passthrough's 'scale' is not implemented in skillgraft)",
+            )
+    if d.get("parameters"):
+        raise InputError("mergekit config: passthrough takes no parameters here", hint="remove 'parameters'")
+    return MergeConfig(
+        str(d.get("base_model") or models[0]["model"]),  # whose config.json the output takes (mergekit's)
+        "passthrough",
+        (),
+        {},
+        check_dtype(d.get("out_dtype") or d.get("dtype"), "out_dtype"),
+        dialect="mergekit",
+        source_file=source_file,
+        compute_dtype=check_dtype(d.get("dtype"), "dtype") or "stored",
+        ignored=ignored,
+        layout=layout,
     )
 
 

@@ -26,8 +26,10 @@ class HFOutput:
         updates = (
             {"torch_dtype": plan.config.out_dtype, "dtype": plan.config.out_dtype} if plan.config.out_dtype else {}
         )
+        updates.update(getattr(plan.base, "config_updates", {}))  # a layer layout's block count
         layout = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
-        self.writer = CheckpointWriter(opts.out, opts.overwrite, opts.max_shard_bytes, plan.base.path, updates, layout)
+        copy_from = getattr(plan.base, "aux_dir", plan.base.path)  # a tokenizer merge's config.json and tokenizer
+        self.writer = CheckpointWriter(opts.out, opts.overwrite, opts.max_shard_bytes, copy_from, updates, layout)
 
     def add(self, t: Any, tensor: torch.Tensor, base: torch.Tensor) -> None:
         self.writer.add(t.name, tensor)

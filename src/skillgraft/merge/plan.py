@@ -22,7 +22,14 @@ from skillgraft.io.checkpoint import Checkpoint
 from skillgraft.io.writer import check_output
 from skillgraft.merge.config import MergeConfig
 from skillgraft.merge.registry import MethodInfo, ModelPass, PlanFacts, get_method
-from skillgraft.merge.sources import CheckpointSource, DeltaSource, check_source_fits, detect, open_source
+from skillgraft.merge.sources import (
+    CheckpointSource,
+    DeltaSource,
+    check_source_fits,
+    detect,
+    missing_model,
+    open_source,
+)
 from skillgraft.skill.apply import check_fit
 from skillgraft.skill.fingerprint import fingerprint_checkpoint, fingerprint_tokenizer
 
@@ -161,10 +168,37 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
         raise InputError(f"examples file {config.examples} does not exist")
     if opts.out is not None:
         check_output(Path(opts.out), opts.overwrite)
-    refs = [detect(i.source, opts.library) for i in config.inputs]
-    base = Checkpoint(config.base, opts.allow_pickle)
-    sources: list[DeltaSource] = []
+    layout = None
+    if config.layout is not None:
+        if opts.out_format != "hf":
+            raise InputError("a layer layout (mergekit 'slices') writes a full model", hint="use --out-format hf")
+        from skillgraft.merge.layout import Layout
+
+        layout = Layout(config.layout, lambda model: _open_model(model, opts.allow_pickle))
+    else:
+        refs = [detect(i.source, opts.library) for i in config.inputs]
     try:
+        # with a layout: the base model's block of each slice (passthrough: each slice's one source). A view
+        # (layout.RenamedCheckpoint, vocab.VocabCheckpoint) answers the same calls as a Checkpoint.
+        base: Any = (
+            _open_model(config.base, opts.allow_pickle)
+            if layout is None
+            else layout.view(config.base if config.inputs else 0, config.base)
+        )
+    except BaseException:
+        if layout is not None:
+            layout.close()
+        raise
+    sources: list[DeltaSource] = []
+    vocab = None
+    try:
+        if config.tokenizer is not None:  # mergekit's tokenizer keys: vocabulary-re-indexed views (merge/vocab.py)
+            from skillgraft.merge.vocab import Vocabulary
+
+            if opts.out_format != "hf":
+                raise InputError("a mergekit tokenizer merge writes a full model", hint="use --out-format hf")
+            vocab = Vocabulary(config.tokenizer, opts.compute_dtype or config.compute_dtype, opts.allow_pickle)
+            base = vocab.view(base, config.base)
         num_layers = count_layers(base)
         per_tensor = _tensor_settings(config, info, params, base.names(), num_layers)
         facts = PlanFacts(len(config.inputs), num_layers, tuple(i.weight for i in config.inputs))
@@ -177,8 +211,13 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
         unchecked: list[str] = []
         notes: list[str] = []
         tokenizer = fingerprint_tokenizer(base.path)  # read once, not per input
-        for ref in refs:
-            src = open_source(ref, opts.library, opts.allow_pickle)
+        for k, inp in enumerate(config.inputs):
+            if layout is not None:
+                src: DeltaSource = CheckpointSource.of(layout.view(inp.source, config.base), inp.source)
+            else:
+                src = open_source(refs[k], opts.library, opts.allow_pickle)
+            if vocab is not None:
+                src = vocab.source(src, inp.source)
             sources.append(src)
             check_source_fits(src, shapes)
             if src.kind == "skill":
@@ -208,16 +247,32 @@ def plan_merge(config: MergeConfig, opts: MergeOptions) -> MergePlan:
         for s in sources:
             s.close()
         base.close()
+        if layout is not None:
+            layout.close()
+        if vocab is not None:
+            vocab.close()
         raise
     seed = config.seed if opts.seed is None else opts.seed
     plan = MergePlan(config, info, params, base, sources, tensors, num_layers, seed)
+    if layout is not None:
+        plan.resources.append(layout)
+    if vocab is not None:
+        plan.resources.append(vocab)
+        notes += vocab.warnings
     plan.unchecked_fingerprints = tuple(unchecked)
     if config.ignored:
-        notes.append(
-            f"mergekit config: ignored key(s) {', '.join(map(repr, config.ignored))} (mergekit ignores them too)"
-        )
+        why = "mergekit ignores them too"
+        if any("[" in k for k in config.ignored):
+            why += "; a condition with no 'filter' it reads matches every tensor"
+        notes.append(f"mergekit config: ignored key(s) {', '.join(map(repr, config.ignored))} ({why})")
     plan.warnings = tuple(notes)
     return plan
+
+
+def _open_model(path: str, allow_pickle: bool) -> Checkpoint:
+    if not Path(path).is_dir():
+        raise missing_model(path)
+    return Checkpoint(path, allow_pickle)
 
 
 def _compute_dtype(compute: str | None, name: str, base: Checkpoint, sources: list[DeltaSource]) -> torch.dtype:
@@ -234,12 +289,17 @@ def _compute_dtype(compute: str | None, name: str, base: Checkpoint, sources: li
     return dtype
 
 
-def layer_position(name: str, num_layers: int | None) -> float:
+def layer_position(name: str, num_layers: int | None, layout: tuple | None = None) -> float:
     """Where tensor ``name`` sits in the block stack, for gradients: block i of n is i / (n − 1) (a single block
-    is 1); tensors outside the blocks (embeddings, final norm, head) are at 0 — mergekit's positions."""
+    is 1); tensors outside the blocks (embeddings, final norm, head) are at 0 — mergekit's positions. With a
+    layer layout, blocks are counted within their slice (mergekit resolves gradients per slice)."""
     layer = layer_of(name)
     if layer is None or not num_layers:
         return 0.0
+    if layout is not None:
+        from skillgraft.merge.layout import block_position
+
+        return block_position(layer, layout)
     return layer / (num_layers - 1) if num_layers > 1 else 1.0
 
 
@@ -252,7 +312,7 @@ def _tensor_settings(
     cache: dict[str, Any] = {repr(sorted(overall.items())): params}
     out = {}
     for name in names:
-        pos = layer_position(name, num_layers)
+        pos = layer_position(name, num_layers, config.layout)
         weights = tuple(config.weights_for(name, pos))
         for i, w in enumerate(weights):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):

@@ -7,8 +7,10 @@ one tensor at a time (a LoRA's ΔW = B·A·scale is formed per module, never A a
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -96,6 +98,13 @@ class CheckpointSource(DeltaSource):
         self.ckpt = Checkpoint(path, allow_pickle)
         self.label = label
 
+    @classmethod
+    def of(cls, ckpt: Any, label: str) -> CheckpointSource:
+        """A source over an opened checkpoint or checkpoint-like view (a layer layout's, ``merge/layout.py``)."""
+        src = cls.__new__(cls)
+        src.ckpt, src.label = ckpt, label
+        return src
+
     def names(self) -> set[str]:
         return set(self.ckpt.names())
 
@@ -128,14 +137,41 @@ def detect(ref: str, library: Path | None = None) -> SourceRef:
     if p.exists():
         return SourceRef(ref, "skill")
     if ref.endswith(".skill") or "/" in ref or os.sep in ref:
-        raise NotFoundError(
-            f"{ref}: no such {'skill pack' if ref.endswith('.skill') else 'file or directory'}",
-            hint="a relative input path is looked up next to the config file, then in the current directory",
-        )
+        raise missing_model(ref, "skill pack" if ref.endswith(".skill") else "file or directory")
     from skillgraft.library import Library
 
     Library(library).get(ref)  # raises NotFoundError with a "did you mean" hint
     return SourceRef(ref, "skill")
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def missing_model(ref: str, what: str = "model directory") -> NotFoundError:
+    """The error for a model reference that is not on disk, naming what cannot apply offline: mergekit's
+    ``model+lora`` and ``model@revision`` references, and Hugging Face Hub ids (nothing is downloaded here)."""
+    if "+" in ref and not Path(ref).exists():
+        return NotFoundError(
+            f"{ref}: no such {what}; mergekit's 'model+lora' reference (a LoRA applied to a model) is not supported",
+            hint="merge the adapter into its model first (skillgraft lora merge), or list the adapter directory "
+            "as its own input in a skillgraft config",
+        )
+    if "@" in ref and not Path(ref).exists():
+        return NotFoundError(
+            f"{ref}: no such {what}; a 'model@revision' reference names a Hub revision, and skillgraft reads local "
+            "directories only",
+            hint="download that revision and give its local path",
+        )
+    if HUB_ID.match(ref):
+        return NotFoundError(
+            f"{ref}: no such {what}; it looks like a Hugging Face Hub id, and skillgraft reads local checkpoints "
+            "only (it downloads nothing)",
+            hint=f"download it first (huggingface-cli download {ref} --local-dir DIR) and give DIR",
+        )
+    return NotFoundError(
+        f"{ref}: no such {what}",
+        hint="a relative input path is looked up next to the config file, then in the current directory",
+    )
 
 
 def open_source(ref: SourceRef, library: Path | None = None, allow_pickle: bool = False) -> DeltaSource:
