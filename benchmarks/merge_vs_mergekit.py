@@ -394,8 +394,9 @@ def compare_tools(
     cfgs.mkdir(exist_ok=True)
     res["warm_s"] = warm([base, *tunes])
     for method in a.methods:
-        cfg = cfgs / f"{method}.mergekit.yaml"
-        cfg.write_text(mk_yaml(method, base, tunes))
+        compute = getattr(a, "compute", "float32")  # the YAML's dtype: mergekit and skillgraft compute in it
+        cfg = cfgs / f"{method}.mergekit{'' if compute == 'float32' else '-' + compute}.yaml"
+        cfg.write_text(mk_yaml(method, base, tunes, compute))
         outs = {"skillgraft": work / f"out-{name}-{method}-sg", "mergekit": work / f"out-{name}-{method}-mk"}
         runs: dict[str, list] = {"skillgraft": [], "mergekit": []}
         for rep in range(repeats):
@@ -536,6 +537,9 @@ def part_dense(work: Path, a: argparse.Namespace, tools: Tools) -> dict:
     info["changed_fraction"] = 1 - changed["identical"]  # entries of fine-tune 1 that differ from the base
     dense_args = argparse.Namespace(**{**vars(a), "methods": ["ties"], "mk_bf16": False, "own_yaml": True})
     res = {"model": info, **compare_tools("dense", base, tunes, work, dense_args, tools, a.repeats_1b)}
+    # the same YAML with dtype: bfloat16, as most published configs give it: both tools compute in bf16
+    bf16_args = argparse.Namespace(**{**vars(dense_args), "own_yaml": False, "compute": "bfloat16"})
+    res["bf16"] = compare_tools("dense", base, tunes, work, bf16_args, tools, a.repeats_1b)
     if not a.keep_inputs:
         for d in (base, *tunes):
             shutil.rmtree(d, ignore_errors=True)
@@ -771,6 +775,9 @@ def render(data: dict) -> str:
             *_measured(s),
         ]
         render_compare("dense", s, lines)
+        if "bf16" in s:
+            lines += ["", "### The same YAML with `dtype: bfloat16` (both tools compute in bf16)", ""]
+            render_compare("dense", s["bf16"], lines)
     if "7b" in data:
         s = data["7b"]
         mi = s["model"]

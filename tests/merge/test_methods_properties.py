@@ -218,3 +218,14 @@ def test_mergekit_trim_skips_the_sort_only_when_it_cannot_matter(zeros: float) -
     assert torch.equal(got, want)
     t = [steps.kth_largest_abs(d, steps.keep_count(0.5, d.numel())) for d in deltas]
     assert all(x == 0 for x in t) if zeros > 0.5 else all(x > 0 for x in t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_sum0_is_torchs_dim0_sum_bit_for_bit(dtype, n):
+    from skillgraft.merge.steps import sum0
+
+    g = torch.Generator().manual_seed(n)
+    # mixed scales, so the fp32 accumulation and the single rounding both matter
+    x = (torch.randn(n, 4096, generator=g) * torch.logspace(-6, 2, 4096)).to(dtype)
+    assert torch.equal(sum0(x), x.sum(dim=0))
