@@ -177,7 +177,8 @@ class TensorMerger:
         # The work dtype: fp32, or the compute dtype itself for methods that compute in their inputs' precision
         # (mergekit's task-arithmetic family); inputs are rounded to the compute dtype either way.
         rounding = t.compute_dtype
-        work = rounding if self.info.low_precision else torch.float32
+        # (fp8 has too few CPU kernels to compute in: its arithmetic is fp32, rounded to fp8 at the end)
+        work = rounding if self.info.low_precision and rounding.itemsize >= 2 else torch.float32
         common = dict(
             name=t.name,
             weights=torch.tensor(t.weights, dtype=work),
@@ -225,13 +226,15 @@ class TensorMerger:
                 delta = self.steps.apply(job, params, ctx, sl)
                 # in place only into a copy: for checkpoints in the work dtype ``b`` is the base's mapped memory
                 merged = b.add_(delta) if copied else torch.add(b, delta)
-                if merged.dtype != rounding:  # the merged tensor in the compute dtype, then the output's (mergekit's)
-                    merged = merged.to(rounding)
-                lo, hi = torch.aminmax(merged)
+                if merged.dtype != rounding and rounding.itemsize >= 2:  # in the compute dtype, then the output's
+                    merged = merged.to(rounding)  # (mergekit's order); checked after, so an fp16 overflow is caught
+                lo, hi = torch.aminmax(merged)  # (no fp8 aminmax on CPU: fp8 is checked before its rounding)
                 if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
                     raise NumericError(
                         f"merge produced NaN or Inf in tensor {t.name!r}", hint="check weights and parameters"
                     )
+                if merged.dtype != rounding:
+                    merged = merged.to(rounding)
                 out[sl].copy_(merged)
 
         self._lanes(run, slices)
