@@ -311,13 +311,16 @@ def write_inputs(root: Path) -> dict[str, Path]:
     return dirs
 
 
-def digest(dirs: dict[str, Path]) -> str:
-    """sha256 over every input tensor (name, dtype, shape, raw bytes), independent of file layout."""
+def digest(dirs: dict[str, Path], json_files: tuple[str, ...] = ()) -> str:
+    """sha256 over every input tensor (name, dtype, shape, raw bytes), independent of file layout, then each
+    model's ``json_files`` (parsed, keys sorted). Shared by the other make_mergekit_*.py scripts."""
     h = hashlib.sha256()
     for model in sorted(dirs):
         for name, t in sorted(load(dirs[model]).items()):
             h.update(f"{model}/{name}/{t.dtype}/{list(t.shape)}".encode())
             h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        for f in json_files:
+            h.update(json.dumps(json.loads((dirs[model] / f).read_text()), sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -354,27 +357,25 @@ def mergekit_yaml(case: str) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-def run_mergekit(python: str, cfg: Path, out: Path) -> None:
-    """``mergekit-yaml CFG OUT`` with ``python``'s mergekit, in ``cfg``'s directory (its paths are relative)."""
+def run_mergekit(python: str, cfg: Path, out: Path, flags: list[str] = MK_FLAGS, script: str = "run_yaml") -> None:
+    """``mergekit-yaml CFG OUT`` (or another of mergekit's scripts, e.g. ``moe``) with ``python``'s mergekit, in
+    ``cfg``'s directory (its paths are relative)."""
     cmd = [
         python,
         "-c",
-        "import sys; from mergekit.scripts.run_yaml import main; sys.exit(main())",
+        f"import sys; from mergekit.scripts.{script} import main; sys.exit(main())",
         str(cfg),
         str(out),
-        *MK_FLAGS,
+        *flags,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     res = subprocess.run(cmd, cwd=cfg.parent, env=env, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"mergekit failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"mergekit {script} failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
 
 
-def versions(python: str) -> dict[str, str]:
-    code = (
-        "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in ('mergekit', 'torch', "
-        "'transformers')}))"
-    )
+def versions(python: str, packages: tuple[str, ...] = ("mergekit", "torch", "transformers")) -> dict[str, str]:
+    code = f"import importlib.metadata as m, json; print(json.dumps({{p: m.version(p) for p in {packages!r}}}))"
     return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 

@@ -14,10 +14,8 @@ Regenerate (mergekit lives in its own venv, never in skillgraft's)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import subprocess
 import tempfile
 import time
 import zlib
@@ -25,7 +23,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
+from make_mergekit_e2e import digest, load, run_mergekit, versions
 from safetensors.torch import save_file
 
 DATA = Path(__file__).resolve().parent / "data" / "mergekit_moe"
@@ -126,26 +124,6 @@ def write_inputs(root: Path) -> dict[str, Path]:
     return dirs
 
 
-def load(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file or of all the ``*.safetensors`` in a directory."""
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    out = {}
-    for f in files:
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
-def digest(dirs: dict[str, Path]) -> str:
-    """sha256 over every input tensor (name, dtype, shape, raw bytes), independent of file layout."""
-    h = hashlib.sha256()
-    for model in sorted(dirs):
-        for name, t in sorted(load(dirs[model]).items()):
-            h.update(f"{model}/{name}/{t.dtype}/{list(t.shape)}".encode())
-            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def moe_yaml(case: str) -> str:
     """The mergekit-moe YAML of one case; model paths are relative (mergekit: to its cwd; skillgraft: to the
     file)."""
@@ -165,20 +143,7 @@ def moe_yaml(case: str) -> str:
 
 def run_mergekit_moe(python: str, cfg: Path, out: Path) -> None:
     """``mergekit-moe CFG OUT`` with ``python``'s mergekit, in ``cfg``'s directory (its paths are relative)."""
-    code = "import sys; from mergekit.scripts.moe import main; sys.exit(main())"
-    cmd = [python, "-c", code, str(cfg), str(out), *MK_FLAGS]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    res = subprocess.run(cmd, cwd=cfg.parent, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"mergekit-moe failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
-
-
-def versions(python: str) -> dict[str, str]:
-    code = (
-        "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in ('mergekit', 'torch', "
-        "'transformers', 'tokenizers')}))"
-    )
-    return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
+    run_mergekit(python, cfg, out, MK_FLAGS, "moe")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             (DATA / f"{case}.yaml").write_text(text)
             print(f"{case}: {(DATA / f'{case}.safetensors').stat().st_size} bytes")
         meta = {
-            "versions": versions(a.mergekit_py),
+            "versions": versions(a.mergekit_py, ("mergekit", "torch", "transformers", "tokenizers")),
             "date": time.strftime("%Y-%m-%d"),
             "command": f"mergekit-moe CASE.yaml OUT {' '.join(MK_FLAGS)}",
             "inputs_sha256": digest(dirs),

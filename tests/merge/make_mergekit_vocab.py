@@ -15,7 +15,6 @@ Regenerate (mergekit lives in its own venv, never in skillgraft's)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -24,9 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import make_mergekit_e2e as e2e
 import torch
 import yaml
-from safetensors import safe_open
+from make_mergekit_e2e import load  # noqa: F401  (re-exported: test_vocab.py reads outputs with it)
 from safetensors.torch import save_file
 
 DATA = Path(__file__).resolve().parent / "data" / "mergekit_vocab"
@@ -182,31 +182,12 @@ def write_inputs(root: Path) -> dict[str, Path]:
 
 def digest(dirs: dict[str, Path]) -> str:
     """sha256 over every input tensor (name, dtype, shape, raw bytes) and tokenizer.json."""
-    h = hashlib.sha256()
-    for model in sorted(dirs):
-        for name, t in sorted(load(dirs[model]).items()):
-            h.update(f"{model}/{name}/{t.dtype}/{list(t.shape)}".encode())
-            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-        h.update(json.dumps(json.loads((dirs[model] / "tokenizer.json").read_text()), sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def load(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    out = {}
-    for f in files:
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
+    return e2e.digest(dirs, ("tokenizer.json",))
 
 
 def run_mergekit(python: str, cfg: Path, out: Path) -> None:
-    """``mergekit-yaml CFG OUT`` with ``python``'s mergekit, in ``cfg``'s directory (its paths are relative)."""
-    cmd = [python, "-c", "import sys; from mergekit.scripts.run_yaml import main; sys.exit(main())", str(cfg), str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    res = subprocess.run([*cmd, *MK_FLAGS], cwd=cfg.parent, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"mergekit failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
+    """``mergekit-yaml CFG OUT`` with ``python``'s mergekit and this script's flags, in ``cfg``'s directory."""
+    e2e.run_mergekit(python, cfg, out, MK_FLAGS)
 
 
 KEEP = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
