@@ -136,6 +136,7 @@ class Layout:
         self.slices = slices
         self._open = open_ckpt
         self._ckpts: dict[str, Checkpoint] = {}
+        self._split: dict[str, tuple[list[str], list[str]]] = {}  # model -> its tensors before / after the blocks
         try:
             for s in slices:
                 for src in s.sources:
@@ -168,7 +169,7 @@ class Layout:
         mapping: dict[str, tuple[Checkpoint, str]] = {}
         picks = [self._pick(s, column, k) for k, s in enumerate(self.slices)]
         first, last = self._ckpts[picks[0].model], self._ckpts[picks[-1].model]
-        before, after = _outside_blocks(first)
+        before, _ = self._outside(picks[0].model)
         for name in before:
             mapping[name] = (first, name)
         offset = 0
@@ -181,7 +182,7 @@ class Layout:
                     out = f"{name[: m.start()]}.{m.group(1)}.{layer}.{name[m.end() :]}"
                     mapping[out] = (ckpt, name)
             offset += s.length
-        for name in _outside_blocks(last)[1]:
+        for name in self._outside(picks[-1].model)[1]:
             mapping[name] = (last, name)
         if config_from not in self._ckpts:  # a base_model no slice takes blocks from: its config.json only
             self._ckpts[config_from] = self._open(config_from)
@@ -189,6 +190,12 @@ class Layout:
         key = "num_hidden_layers" if "num_hidden_layers" in base.config else "n_layer"
         updates = {key: self.num_layers}
         return RenamedCheckpoint(base.path, {**base.config, **updates}, mapping, updates)
+
+    def _outside(self, model: str) -> tuple[list[str], list[str]]:
+        """``_outside_blocks`` once per model (it builds the model's module tree on the meta device)."""
+        if model not in self._split:
+            self._split[model] = _outside_blocks(self._ckpts[model])
+        return self._split[model]
 
     def _pick(self, s: OutputSlice, column: int | str, k: int) -> SliceSource:
         if isinstance(column, str):
