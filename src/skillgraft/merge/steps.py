@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from skillgraft.merge import sortpath
+
 # --- trimming by magnitude ----------------------------------------------------------------------------------------
 
 
@@ -101,13 +103,12 @@ def trim_by_threshold(delta: torch.Tensor, threshold: float | torch.Tensor) -> t
 def exact_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Flat boolean mask of the k = ``keep_count`` entries that ``argsort(|Δ|, descending=True)[:k]`` picks.
 
-    A full sort, as mergekit does: torch's CPU argsort orders equal magnitudes in no reproducible way other
-    than running it, and bf16 deltas have many equal magnitudes, so bit-exact parity needs the sort itself.
+    mergekit's rule, ties included: torch's CPU argsort is unstable and bf16 deltas have many equal magnitudes,
+    so which tied entries are kept is the sort's choice. ``sortpath.rank_mask`` reproduces that choice without
+    the full sort (a replay of the partitions that decide it), or sorts where it cannot.
     """
-    flat = delta.reshape(-1)
-    mask = torch.zeros(flat.shape, dtype=torch.bool)
-    mask[torch.argsort(flat.abs().float(), descending=True)[: keep_count(density, flat.numel())]] = True
-    return mask
+    flat = delta.reshape(-1).abs().float()
+    return sortpath.rank_mask(flat, 0, keep_count(density, flat.numel()), descending=True)
 
 
 def position_trim_plan(delta: torch.Tensor, density: float) -> tuple[float, int, list[int]]:
@@ -151,10 +152,8 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    order = torch.sort(delta.abs().reshape(-1).float(), descending=False).indices
-    mask = torch.zeros(n, dtype=delta.dtype)
-    mask[order[n_bot : n_bot + target]] = 1
-    return mask.reshape_as(delta)
+    keep = sortpath.rank_mask(delta.abs().reshape(-1).float(), n_bot, n_bot + target, descending=False)
+    return as01(keep, delta.dtype).reshape_as(delta)
 
 
 # --- random dropping (DARE, DELLA) -------------------------------------------------------------------------------

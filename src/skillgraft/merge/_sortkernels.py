@@ -1,0 +1,106 @@
+"""numba kernels of ``merge.sortpath`` (imported only when a sort replay is needed: importing numba costs
+~0.3 s). They replay libstdc++'s ``std::sort`` (comp ``<``) on the parts of the array that hold a rank boundary;
+``sortpath``'s docstring says why that gives the real sort's set."""
+
+# ruff: noqa: ANN001, ANN201, ANN202
+
+import numpy as np
+from numba import njit
+
+THRESHOLD = 16  # libstdc++'s _S_threshold: parts this small are left to the final insertion sort
+
+
+@njit(cache=True, nogil=True)
+def partition(key, idx, lo, hi, lbuf, rbuf):
+    """libstdc++ ``__unguarded_partition_pivot`` on ``[lo, hi)`` with comp = ``<``; returns the cut.
+
+    Hoare's loop pairs the i-th left stop (key ≥ pivot, ascending) with the i-th right stop (key ≤ pivot,
+    descending) while the left one is before the right one; both lists are built branch-free first, the
+    number of swaps m is where they cross (monotone: binary search), and the cut is where the left scan stops
+    after the last swap: L[m], or R[m−1] when the swapped-in entry there stops it first."""
+    a, b, c = lo + 1, lo + (hi - lo) // 2, hi - 1  # __move_median_to_first(lo, lo+1, mid, hi-1)
+    if key[a] < key[b]:
+        if key[b] < key[c]:
+            s = b
+        elif key[a] < key[c]:
+            s = c
+        else:
+            s = a
+    elif key[a] < key[c]:
+        s = a
+    elif key[b] < key[c]:
+        s = c
+    else:
+        s = b
+    key[lo], key[s] = key[s], key[lo]
+    idx[lo], idx[s] = idx[s], idx[lo]
+    p = key[lo]
+    nl = 0
+    for j in range(lo + 1, hi):  # left stops: not (key < p)
+        lbuf[nl] = j
+        nl += not key[j] < p
+    nr = 0
+    for j in range(hi - 1, lo - 1, -1):  # right stops: not (p < key); the pivot at lo is the sentinel
+        rbuf[nr] = j
+        nr += not p < key[j]
+    x, y = 0, min(nl, nr)
+    while x < y:
+        mid = (x + y) // 2
+        if lbuf[mid] >= rbuf[mid]:
+            y = mid
+        else:
+            x = mid + 1
+    m = x
+    for i in range(m):
+        f, g = lbuf[i], rbuf[i]
+        key[f], key[g] = key[g], key[f]
+        idx[f], idx[g] = idx[g], idx[f]
+    if m == 0:
+        return np.int64(lbuf[0])
+    if m >= nl or rbuf[m - 1] < lbuf[m]:
+        return np.int64(rbuf[m - 1])
+    return np.int64(lbuf[m])
+
+
+@njit(cache=True, nogil=True)
+def select(key, idx, start, stop, lbuf, rbuf):
+    """Arrange ``key``/``idx`` as std::sort would at every rank in ``[start, stop)``; False where a part on a
+    boundary's path would hit the depth limit (heapsort there: the caller sorts for real)."""
+    n = key.size
+    for j in range(n):
+        idx[j] = j
+    depth, m = 0, n
+    while m > 1:
+        m >>= 1
+        depth += 1
+    # parts holding a boundary strictly inside: (lo, hi, depth left); at most two at a time
+    todo = [(0, n, 2 * depth)]
+    done = []
+    while len(todo) > 0:
+        lo, hi, d = todo.pop()
+        if hi - lo <= THRESHOLD:
+            done.append((lo, hi))
+            continue
+        if d == 0:
+            return False
+        cut = partition(key, idx, lo, hi, lbuf, rbuf)
+        for a, b in ((lo, cut), (cut, hi)):
+            if (a < start < b) or (a < stop < b):
+                todo.append((a, b, d - 1))
+    for lo, hi in done:  # the final insertion sort (stable for equal keys) of each boundary part
+        for i in range(lo + 1, hi):
+            v, x = key[i], idx[i]
+            j = i
+            while j > lo and v < key[j - 1]:
+                key[j] = key[j - 1]
+                idx[j] = idx[j - 1]
+                j -= 1
+            key[j] = v
+            idx[j] = x
+    return True
+
+
+@njit(cache=True, nogil=True)
+def mark(idx, start, stop, mask):
+    for j in range(start, stop):
+        mask[idx[j]] = True
