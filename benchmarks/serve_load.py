@@ -158,8 +158,11 @@ async def _run(args: argparse.Namespace, base: Path, library: Path, packs: dict[
                 _build_router(args, base, library, sorted(packs))
             scenarios = {}
             for name in args.scenarios.split(","):
+                before = (await hc.get("/health")).json()["forward"]
                 scenarios[name] = await _scenario(hc, name, prompts, args)
-                scenarios[name]["rss_mib_after"] = (await hc.get("/health")).json()["rss_bytes"] / (1 << 20)
+                after = (await hc.get("/health")).json()
+                scenarios[name]["rss_mib_after"] = after["rss_bytes"] / (1 << 20)
+                scenarios[name]["forward"] = _forward(before, after["forward"])
                 print(f"{name}: {json.dumps(_brief(scenarios[name]))}", flush=True)
             rss_end = (await hc.get("/health")).json()
     finally:
@@ -251,6 +254,20 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
+def _forward(before: dict, after: dict) -> dict:
+    """The server's forward passes during one scenario: counts, ms per decode step, rows per step, and decode
+    rows per second (tokens the steps produced per second of stepping: the per-step cost, EOS aside)."""
+    d = {k: after[k] - before[k] for k in after}
+    steps = max(1, d["steps"])
+    return {
+        **d,
+        "ms_per_step": 1000 * d["step_s"] / steps,
+        "rows_per_step": d["row_steps"] / steps,
+        "ms_per_prefill": 1000 * d["prefill_s"] / max(1, d["prefills"]),
+        "row_tokens_per_step_s": d["row_steps"] / max(1e-9, d["step_s"]),
+    }
+
+
 def _brief(s: dict) -> dict:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items()}
 
@@ -262,10 +279,11 @@ def _table(r: dict) -> str:
         f"max_tokens {r['settings']['max_tokens']}, greedy; {len(r['skills'])} skills ({', '.join(r['skills'])})",
         "",
         "| scenario | requests | errors | req/s | completion tok/s | p50 ms | p99 ms | exact match | mis-routes "
-        "| RSS after, MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ms / decode step | rows / step | row-tokens / step-second | RSS after, MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in r["scenarios"].items():
+        f = s["forward"]
         mis = (
             f"{s['misrouted_label']} label, {s['differs_from_alone']}/{s['checked_alone']} differ alone"
             if name == "skills"
@@ -274,7 +292,8 @@ def _table(r: dict) -> str:
         lines.append(
             f"| {name} | {s['requests']} | {s['errors']} | {s['requests_per_s']:.2f} | "
             f"{s['completion_tokens_per_s']:.1f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | "
-            f"{100 * s['exact_match']:.0f}% | {mis} | {s['rss_mib_after']:.0f} |"
+            f"{100 * s['exact_match']:.0f}% | {mis} | {f['ms_per_step']:.0f} | {f['rows_per_step']:.1f} | "
+            f"{f['row_tokens_per_step_s']:.0f} | {s['rss_mib_after']:.0f} |"
         )
     lines += [
         "",

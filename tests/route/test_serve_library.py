@@ -223,6 +223,19 @@ def test_models_and_health(client):
     assert health["runtime_bytes"] > 0 and health["rss_bytes"] > 10_000_000
 
 
+def test_health_counts_forward_passes(client):
+    """``/health``'s ``forward``: one prefill per batch, then one decode step per further token of its rows."""
+    c, _ = client
+    before = c.get("/health").json()["forward"]
+    status, body = _post(c, {"model": "base", "prompt": PROMPTS[0], "max_tokens": 5})
+    after = c.get("/health").json()["forward"]
+    tokens = body["usage"]["completion_tokens"]
+    steps = after["steps"] - before["steps"]
+    assert status == 200 and after["prefills"] == before["prefills"] + 1 and after["prefill_s"] > before["prefill_s"]
+    assert tokens - 1 <= steps <= tokens  # (an EOS token ends the row without counting as text)
+    assert after["row_steps"] - before["row_steps"] == steps and (steps == 0 or after["step_s"] > before["step_s"])
+
+
 def test_errors(client):
     c, _ = client
 

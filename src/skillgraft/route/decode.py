@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -59,6 +60,21 @@ class Finished:
     text: str
     tokens: int
     finish_reason: str
+
+
+@dataclass
+class StepTimes:
+    """Forward passes of ``decode``, summed over calls: prefills and decode steps, their wall seconds (the forward
+    and its skill context only), and the rows the decode steps carried (Σ batch size over steps)."""
+
+    prefills: int = 0
+    prefill_s: float = 0.0
+    steps: int = 0
+    step_s: float = 0.0
+    row_steps: int = 0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {k: getattr(self, k) for k in ("prefills", "prefill_s", "steps", "step_s", "row_steps")}
 
 
 class _State:
@@ -153,8 +169,11 @@ def _forward_args(model: Any) -> tuple[str, dict[str, int]]:
 
 
 @torch.no_grad()
-def decode(model: Any, tokenizer: Any, rows: Sequence[Row], context: Context | None = None) -> list[Finished]:
-    """Continue every row in one batch (left padding, KV cache); results in the rows' order."""
+def decode(
+    model: Any, tokenizer: Any, rows: Sequence[Row], context: Context | None = None, times: StepTimes | None = None
+) -> list[Finished]:
+    """Continue every row in one batch (left padding, KV cache); results in the rows' order. ``times``, when
+    given, accumulates the forward passes' count and wall time."""
     if not rows:
         return []
     wrap: Context = context or (lambda active: nullcontext())
@@ -164,11 +183,24 @@ def decode(model: Any, tokenizer: Any, rows: Sequence[Row], context: Context | N
     enc = left_pad([r.ids for r in rows], _pad_id(tokenizer), device)
     ids, mask, pos = enc["input_ids"], enc["attention_mask"], enc["position_ids"]
     cache, active = _new_cache(model), list(range(len(rows)))  # the cache is updated in place
+    prefill = True
     while True:
+        t0 = time.perf_counter()
         with wrap(active):
             out = model(
                 input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg: cache}, **keep
             )
+        if times is not None:
+            spent = time.perf_counter() - t0
+            if prefill:
+                times.prefills, times.prefill_s = times.prefills + 1, times.prefill_s + spent
+            else:
+                times.steps, times.step_s, times.row_steps = (
+                    times.steps + 1,
+                    times.step_s + spent,
+                    times.row_steps + len(active),
+                )
+        prefill = False
         logits = out.logits[:, -1, :].float()  # [B, V]
         nxt = logits.argmax(-1)
         for j, i in enumerate(active):

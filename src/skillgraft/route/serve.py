@@ -48,7 +48,7 @@ from typing import Any
 
 from skillgraft.errors import InputError, SkillgraftError
 from skillgraft.eval.generate import encode_prompt
-from skillgraft.route.decode import Finished, Row, Sampling, decode
+from skillgraft.route.decode import Finished, Row, Sampling, StepTimes, decode
 from skillgraft.route.runtime import ARROW_MIX, Mix, SkillRuntime
 
 MAX_BODY = 1 << 20  # bytes
@@ -274,6 +274,7 @@ class SkillServer:
         self.router_factory = router_factory or self._load_router
         self.served = Served()
         self.stats: dict[str, Any] = {"batches": 0, "rows": 0, "largest_batch": 0, "skipped": {}}
+        self.times = StepTimes()  # forward passes of every batch (``/health``'s ``forward``)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=spec.queue)
         self._shas: dict[str, str] = {}
         self._signature: tuple | None = None
@@ -513,7 +514,7 @@ class SkillServer:
         for job, i in items:
             delta = (lambda text, job=job, i=i: job.push("delta", i, text)) if job.stream else None
             rows.append(Row(job.ids[i], job.sampling, delta, lambda job=job: not job.cancelled))
-        results = decode(self.runtime.model, self.runtime.tok, rows, context)
+        results = decode(self.runtime.model, self.runtime.tok, rows, context, self.times)
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
@@ -531,6 +532,7 @@ class SkillServer:
             "batches": s["batches"],
             "rows": s["rows"],
             "largest_batch": s["largest_batch"],
+            "forward": self.times.as_dict(),
             "skipped": {k: v[1] for k, v in s["skipped"].items()},
         }
 
