@@ -8,6 +8,7 @@ import numpy as np
 from numba import njit
 
 THRESHOLD = 16  # libstdc++'s _S_threshold: parts this small are left to the final insertion sort
+BLOCK = 1024  # entries scanned at a time per side of a partition
 
 
 @njit(cache=True, nogil=True)
@@ -35,15 +36,30 @@ def partition(key, idx, lo, hi, lbuf, rbuf):
     key[lo], key[s] = key[s], key[lo]
     idx[lo], idx[s] = idx[s], idx[lo]
     p = key[lo]
-    nl = 0
-    for j in range(lo + 1, hi):  # left stops: not (key < p)
-        lbuf[nl] = j
-        nl += not key[j] < p
-    nr = 0
-    for j in range(hi - 1, lo - 1, -1):  # right stops: not (p < key); the pivot at lo is the sentinel
-        rbuf[nr] = j
-        nr += not p < key[j]
-    x, y = 0, min(nl, nr)
+    # Left stops (not key < p) ascending from lo+1, right stops (not p < key) descending from hi-1, scanned in
+    # blocks, extending the shorter list, until the pairs cross (then every pair that swaps is known) or the left
+    # scan runs out. The pivot at lo is the right scan's sentinel, so the pairs always cross before it runs out.
+    nl = nr = 0
+    i, j = lo + 1, hi - 1
+    while True:
+        if nl <= nr:
+            if i >= hi:
+                break
+            e = min(i + BLOCK, hi)
+            for q in range(i, e):
+                lbuf[nl] = q
+                nl += not key[q] < p
+            i = e
+        else:
+            e = max(j - BLOCK, lo - 1)
+            for q in range(j, e, -1):
+                rbuf[nr] = q
+                nr += not p < key[q]
+            j = e
+        c = min(nl, nr)
+        if c > 0 and lbuf[c - 1] >= rbuf[c - 1]:
+            break
+    x, y = 0, min(nl, nr)  # m = the first i with L[i] >= R[i] (monotone: L rises, R falls), else min(nl, nr)
     while x < y:
         mid = (x + y) // 2
         if lbuf[mid] >= rbuf[mid]:
@@ -64,11 +80,15 @@ def partition(key, idx, lo, hi, lbuf, rbuf):
 
 @njit(cache=True, nogil=True)
 def select(key, idx, start, stop, lbuf, rbuf):
-    """Arrange ``key``/``idx`` as std::sort would at every rank in ``[start, stop)``; False where a part on a
-    boundary's path would hit the depth limit (heapsort there: the caller sorts for real)."""
+    """Arrange ``key``/``idx`` as std::sort would at every rank in ``[start, stop)``; False where a key is NaN or
+    a part on a boundary's path would hit the depth limit (heapsort there): the caller sorts for real."""
     n = key.size
+    nan = False
     for j in range(n):
         idx[j] = j
+        nan |= key[j] != key[j]
+    if nan:  # torch orders NaN first; the real sort handles it
+        return False
     depth, m = 0, n
     while m > 1:
         m >>= 1
@@ -101,6 +121,19 @@ def select(key, idx, start, stop, lbuf, rbuf):
 
 
 @njit(cache=True, nogil=True)
-def mark(idx, start, stop, mask):
+def boundary_ties(key, idx, start, stop, check_lo, check_hi, out):
+    """Write to ``out`` the first positions of the entries at ranks ``[start, stop)`` whose key equals the lowest
+    (when ``check_lo``) or highest (when ``check_hi``) key there; returns how many, the lowest and the highest key.
+    (Positions ``[start, stop)`` hold exactly those ranks after ``select``, though not in order.)"""
+    lo_v, hi_v = key[start], key[start]
     for j in range(start, stop):
-        mask[idx[j]] = True
+        v = key[j]
+        lo_v = min(lo_v, v)
+        hi_v = max(hi_v, v)
+    count = 0
+    for j in range(start, stop):
+        v = key[j]
+        if (check_lo and v == lo_v) or (check_hi and v == hi_v):
+            out[count] = idx[j]
+            count += 1
+    return count, lo_v, hi_v

@@ -30,7 +30,9 @@ import numpy as np
 import torch
 
 THRESHOLD = 16  # parts this small are left to std::sort's final insertion sort (as in _sortkernels)
+KEEP_SCRATCH = 1 << 25
 _CHECK_LOCK = threading.Lock()
+_LOCAL = threading.local()
 _STATE: dict[str, Any] = {}
 
 
@@ -40,7 +42,7 @@ def _kernels() -> Any:
         from skillgraft.merge import _sortkernels
     except ImportError:  # pragma: no cover - numba is a dependency; kept so a broken install still merges
         return None
-    return _sortkernels.select, _sortkernels.mark
+    return _sortkernels.select, _sortkernels.boundary_ties
 
 
 def _sorted_mask(w: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
@@ -51,25 +53,57 @@ def _sorted_mask(w: torch.Tensor, start: int, stop: int, descending: bool) -> to
 
 
 def _replayed_mask(w: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor | None:
-    select, mark = _STATE["kernels"]
+    """The mask by replay (``w``: 1-D contiguous float32, left as it is); None where the replay cannot decide.
+
+    The replay arranges a copy of the keys so that positions ``[start, stop)`` hold the entries of those ranks; an
+    entry whose key lies strictly between their lowest and highest key is inside the range whatever the order, so
+    the mask is that comparison on ``w``, plus the entries equal to a boundary key that the replay put inside."""
+    select, boundary_ties = _STATE["kernels"]
     n = w.numel()
+    key, idx, lbuf, rbuf = _scratch(n)
     # descending order by comp ">" is ascending order of the negated keys by "<" (negation is exact, keeps ties)
-    key = (w.neg() if descending else w).numpy().copy()
-    itype = np.int32 if n < 1 << 31 else np.int64
-    idx, lbuf, rbuf = (np.empty(n, dtype=itype) for _ in range(3))
-    if not select(key, idx, start, stop, lbuf, rbuf):
+    torch.neg(w, out=key) if descending else key.copy_(w)
+    if not select(key.numpy(), idx, start, stop, lbuf, rbuf):
         return None
-    del lbuf, rbuf
-    mask = np.zeros(n, dtype=np.bool_)
-    mark(idx, start, stop, mask)
-    return torch.from_numpy(mask)
+    count, lo_v, hi_v = boundary_ties(key.numpy(), idx, start, stop, start > 0, stop < n, lbuf)
+    lo_v, hi_v = float(lo_v), float(hi_v)
+    if descending:  # key = −w: key > lo_v ⟺ w < −lo_v
+        inside = _between(w, -hi_v if stop < n else None, -lo_v if start > 0 else None)
+    else:
+        inside = _between(w, lo_v if start > 0 else None, hi_v if stop < n else None)
+    inside[torch.from_numpy(lbuf[:count]).long()] = True
+    return inside
+
+
+def _between(w: torch.Tensor, above: float | None, below: float | None) -> torch.Tensor:
+    """Bool mask of ``above < w < below`` (a bound of None is no bound)."""
+    if above is None and below is None:
+        return torch.ones(w.shape, dtype=torch.bool)
+    if above is None:
+        return w < below
+    if below is None:
+        return w > above
+    return (w > above) & (w < below)
+
+
+def _scratch(n: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    """A float32 key buffer and three index buffers of n entries. Kept per thread up to ``KEEP_SCRATCH`` entries
+    (fresh pages cost about as much as the replay of a large tensor), allocated per call above that."""
+    if n > KEEP_SCRATCH:
+        itype = np.int32 if n < 1 << 31 else np.int64
+        return (torch.empty(n), *(np.empty(n, dtype=itype) for _ in range(3)))  # type: ignore[return-value]
+    have = getattr(_LOCAL, "bufs", None)
+    if have is None or have[0].numel() < n:
+        size = max(n, 1 << 16)
+        have = _LOCAL.bufs = (torch.empty(size), *(np.empty(size, dtype=np.int32) for _ in range(3)))
+    return (have[0][:n], *(b[:n] for b in have[1:]))  # type: ignore[return-value]
 
 
 def _self_check() -> bool:
     """Does this process's torch sort the way ``_replayed_mask`` replays? Checked on tie-heavy float32 inputs
     (few distinct values, sizes across the insertion-sort threshold and several partition levels)."""
     g = torch.Generator().manual_seed(0)
-    for n, levels in ((40, 3), (300, 7), (5000, 2), (5000, 40), (70_000, 300), (70_000, 5)):
+    for n, levels in ((40, 3), (300, 7), (3000, 2), (3000, 40), (20_000, 300)):
         w = torch.randint(0, levels, (n,), generator=g).float().mul_(0.125)
         for start, stop in ((0, n // 2), (n // 3, n - n // 5), (0, 17), (n - 1, n)):
             for descending in (True, False):
@@ -92,17 +126,17 @@ def replay_available() -> bool:
 def rank_mask(w: torch.Tensor, start: int, stop: int, *, descending: bool) -> torch.Tensor:
     """Flat bool mask of the entries ``torch.sort(w, descending=descending).indices[start:stop]`` names.
 
-    ``w``: a 1-D float32 CPU tensor. Exactly the real sort's set (see the module docstring), in O(n)."""
+    ``w``: a 1-D contiguous float32 CPU tensor. Exactly the real sort's set (see the module docstring), in O(n)."""
     n = w.numel()
     start, stop = max(0, min(start, n)), max(0, min(stop, n))
-    if w.dtype != torch.float32 or w.dim() != 1:
-        raise ValueError(f"rank_mask: a 1-D float32 tensor, not {w.dtype} of shape {tuple(w.shape)}")
+    if w.dtype != torch.float32 or w.dim() != 1 or not w.is_contiguous():
+        raise ValueError(f"rank_mask: a 1-D contiguous float32 tensor, not {w.dtype} of shape {tuple(w.shape)}")
     if stop <= start:
         return torch.zeros(n, dtype=torch.bool)
     if stop - start == n:
         return torch.ones(n, dtype=torch.bool)
-    if n > THRESHOLD and replay_available() and not bool(torch.isnan(w).any()):
-        got = _replayed_mask(w.contiguous(), start, stop, descending)
+    if n > THRESHOLD and replay_available():
+        got = _replayed_mask(w, start, stop, descending)
         if got is not None:
             return got
     return _sorted_mask(w, start, stop, descending)

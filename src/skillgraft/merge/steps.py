@@ -107,15 +107,32 @@ def exact_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     so which tied entries are kept is the sort's choice. ``sortpath.rank_mask`` reproduces that choice without
     the full sort (a replay of the partitions that decide it), or sorts where it cannot.
     """
-    flat = delta.reshape(-1).abs().float()
-    return sortpath.rank_mask(flat, 0, keep_count(density, flat.numel()), descending=True)
-
-
-def position_trim_plan(delta: torch.Tensor, density: float) -> tuple[float, int, list[int]]:
-    """What ``position_trim`` needs for one flat Δ: the k-th largest |Δ| t (k = ``keep_count``), how many entries
-    equal to t to keep (k − #{|Δ| > t}), and the count of entries equal to t before each ``SLICE`` block."""
     k = keep_count(density, delta.numel())
-    t = kth_largest_abs(delta, k)
+    return sortpath.rank_mask(_abs_fp32(delta), 0, k, descending=True)
+
+
+def _abs_fp32(delta: torch.Tensor) -> torch.Tensor:
+    """Flat |Δ| in fp32 (mergekit's ``tensor.abs().float()``), one copy."""
+    flat = delta.reshape(-1)
+    return flat.abs() if flat.dtype == torch.float32 else flat.float().abs_()
+
+
+def exact_trim_plan(delta: torch.Tensor, density: float) -> tuple[float, int, list[int]] | torch.Tensor:
+    """mergekit's exactly-k trim of one Δ (``argsort`` order, ties included): a ``position_trim`` plan where the
+    k-th largest |Δ| is 0 (the tied entries are zeros: kept or dropped, the same numbers), else the keep mask."""
+    k = keep_count(density, delta.numel())
+    t = kth_largest_abs(delta, k) if k else float("inf")
+    if t == 0:
+        return position_trim_plan(delta, density, t)
+    return exact_keep_mask(delta, density)
+
+
+def position_trim_plan(delta: torch.Tensor, density: float, t: float | None = None) -> tuple[float, int, list[int]]:
+    """What ``position_trim`` needs for one flat Δ: the k-th largest |Δ| t (k = ``keep_count``; pass it when
+    known), how many entries equal to t to keep (k − #{|Δ| > t}), and the count of entries equal to t before each
+    ``SLICE`` block."""
+    k = keep_count(density, delta.numel())
+    t = kth_largest_abs(delta, k) if t is None else t
     greater, before = 0, [0]
     for part in delta.reshape(-1).split(SLICE):
         a = part.float().abs()
@@ -152,7 +169,7 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    keep = sortpath.rank_mask(delta.abs().reshape(-1).float(), n_bot, n_bot + target, descending=False)
+    keep = sortpath.rank_mask(_abs_fp32(delta), n_bot, n_bot + target, descending=False)
     return as01(keep, delta.dtype).reshape_as(delta)
 
 

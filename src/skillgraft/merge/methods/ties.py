@@ -58,10 +58,10 @@ def prepare_trim(
     plan (ties at the k-th magnitude taken in index order) or the bool mask of the entries ``argsort`` picks;
     None keeps everything.
 
-    With ``tie_break: argsort`` the sort runs only where it can matter: when the k-th largest |Δᵢ| is 0 the
-    tied entries are zeros, which are the same value kept or dropped (bf16 fine-tunes often change fewer than
-    half their entries), and when every entry equal to the k-th magnitude is kept there is no choice to make;
-    in both cases the position plan gives argsort's result bit for bit."""
+    With ``tie_break: argsort`` the tie order is looked at only where it can matter: when the k-th largest |Δᵢ|
+    is 0 the tied entries are zeros, the same value kept or dropped (bf16 fine-tunes often change fewer than half
+    their entries), and the position plan gives argsort's result bit for bit; otherwise ``sortpath`` replays the
+    sort's partitions (``steps.exact_trim_plan``)."""
     if trim_scope == "global":
         if job.thresholds is None or len(job.thresholds) != job.n:
             raise InputError(f"{job.name}: trim_scope 'global' needs whole-model thresholds from the merge engine")
@@ -70,16 +70,11 @@ def prepare_trim(
         return None
     rows = list(job.deltas)
     if mode == "mergekit":
-        plans = job.each(lambda d: steps.position_trim_plan(d, density), rows)
-        # argsort's first k are every |Δ| > t and m of the entries equal to t; its choice among those can only
-        # matter when some are dropped (more than m of them) and they are not zeros (t > 0).
-        sort = [i for i, (t, m, before) in enumerate(plans) if tie_break == "argsort" and t > 0 and before[-1] > m]
-        exact = lambda i: steps.exact_keep_mask(rows[i], density)  # noqa: E731
-        # A sort holds ~16 bytes per entry: side by side only while that stays small (peak memory over speed).
-        masks = job.each(exact, sort) if job.deltas[0].numel() <= 1 << 23 else [exact(i) for i in sort]
-        for i, mask in zip(sort, masks):
-            plans[i] = mask
-        return ("exact", plans)
+        if tie_break == "position":
+            return ("exact", job.each(lambda d: steps.position_trim_plan(d, density), rows))
+        plan = lambda d: steps.exact_trim_plan(d, density)  # noqa: E731
+        # A replay holds ~21 bytes per entry: side by side only while that stays small (peak memory over speed).
+        return ("exact", job.each(plan, rows) if job.deltas[0].numel() <= 1 << 25 else [plan(d) for d in rows])
     return ("threshold", _column(job.each(lambda d: steps.magnitude_threshold(d, density), rows)))
 
 
@@ -198,12 +193,12 @@ def ties(job: TensorJob, p: TiesParams) -> torch.Tensor:
       ``merge_func: sum``). User weights scale each task vector; weights 1 give the paper exactly.
     * **mergekit** (0.1.5, bit-exact): per-tensor trim of exactly k entries by ``argsort(|Δ|, descending)`` order;
       sign elected on *weighted* deltas wᵢΔᵢ (sum ≥ 0 counts as +); agreement judged on wᵢΔᵢ; Σ wᵢmᵢΔᵢ divided by
-      Σ wᵢmᵢ when ``normalize`` (a weighted disjoint mean), else the sum. The sort runs only for inputs whose
-      k-th largest |Δ| is nonzero and shared by more entries than the k keep: otherwise the tied entries are
-      zeros (kept or dropped alike) or all kept, and the kept set needs no sort. ``tie_break:
-      position`` keeps the same exactly-k rule but takes entries tied at a nonzero k-th magnitude in index order
-      instead of argsort's (which only a full sort reproduces): never a sort; it differs from mergekit only in
-      which of the tied entries survive.
+      Σ wᵢmᵢ when ``normalize`` (a weighted disjoint mean), else the sum. Which entries tied at the k-th
+      magnitude survive is argsort's choice: where that magnitude is 0 they are zeros (kept or dropped alike),
+      elsewhere ``merge/sortpath.py`` replays the partitions of torch's CPU sort that decide them (O(n), the same
+      set; the real sort where the replay cannot follow). ``tie_break: position`` keeps the same exactly-k rule
+      but takes the tied entries in index order instead (what a stable sort keeps): a little faster, and
+      different from mergekit in which of the tied entries survive.
     Then × λ (no rescale). Defaults: density 0.2 (paper's k = 20 %; mergekit's own default 1.0 disables trimming),
     λ 1 (mergekit's default; the paper searched 0.8–2.5), normalize true.
     Edge cases: density 1 keeps everything (TIES then only resolves sign conflicts); all-zero deltas → 0 (zeros
@@ -237,7 +232,9 @@ def _prune_apply(job: TensorJob, p: MagnitudePruneParams, ctx: Any, sl: slice) -
 
 
 PRUNE = Steps(
-    lambda job, p: prepare_trim(job, p.density, p.mode, tie_break=p.tie_break), _prune_apply, lambda p: p.density < 1
+    lambda job, p: prepare_trim(job, p.density, p.mode, tie_break=p.tie_break),
+    _prune_apply,
+    lambda p: p.density < 1,
 )
 
 
