@@ -104,6 +104,8 @@ def select(key, idx, start, stop, lbuf, rbuf):
         if d == 0:
             return False
         cut = partition(key, idx, lo, hi, lbuf, rbuf)
+        if cut < 0:
+            return False
         for a, b in ((lo, cut), (cut, hi)):
             if (a < start < b) or (a < stop < b):
                 todo.append((a, b, d - 1))
@@ -121,10 +123,11 @@ def select(key, idx, start, stop, lbuf, rbuf):
 
 
 @njit(cache=True, nogil=True)
-def boundary_ties(key, idx, start, stop, check_lo, check_hi, out):
-    """Write to ``out`` the first positions of the entries at ranks ``[start, stop)`` whose key equals the lowest
-    (when ``check_lo``) or highest (when ``check_hi``) key there; returns how many, the lowest and the highest key.
-    (Positions ``[start, stop)`` hold exactly those ranks after ``select``, though not in order.)"""
+def boundary_ties(key, idx, start, stop, check_lo, check_hi):
+    """Move to ``idx[:count]`` the first positions of the entries at ranks ``[start, stop)`` whose key equals the
+    lowest (when ``check_lo``) or highest (when ``check_hi``) key there; returns count, the lowest and the highest
+    key. (Positions ``[start, stop)`` hold exactly those ranks after ``select``, though not in order; the
+    compaction writes at or before where it reads, so ``idx`` is its own output.)"""
     lo_v, hi_v = key[start], key[start]
     for j in range(start, stop):
         v = key[j]
@@ -134,6 +137,6 @@ def boundary_ties(key, idx, start, stop, check_lo, check_hi, out):
     for j in range(start, stop):
         v = key[j]
         if (check_lo and v == lo_v) or (check_hi and v == hi_v):
-            out[count] = idx[j]
+            idx[count] = idx[j]
             count += 1
     return count, lo_v, hi_v

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 THRESHOLD = 16  # parts this small are left to std::sort's final insertion sort (as in _sortkernels)
-KEEP_SCRATCH = 1 << 25
+KEEP_SCRATCH = 1 << 25  # entries (~400 MiB of scratch per thread at most)
+STOP_SLACK = 16 * 1024  # stop-buffer entries beyond half a part (the scan's blocks are 1024)
 _CHECK_LOCK = threading.Lock()
 _LOCAL = threading.local()
 _STATE: dict[str, Any] = {}
@@ -45,15 +46,16 @@ def _kernels() -> Any:
     return _sortkernels.select, _sortkernels.boundary_ties
 
 
-def _sorted_mask(w: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
-    """The reference: a real (unstable) ``torch.sort``."""
+def _sorted_mask(w: torch.Tensor, start: int, stop: int, descending: bool, magnitude: bool) -> torch.Tensor:
+    """The reference: a real (unstable) ``torch.sort`` of ``w`` (of |w| in fp32 with ``magnitude``)."""
     mask = torch.zeros(w.numel(), dtype=torch.bool)
-    mask[torch.sort(w, descending=descending).indices[start:stop]] = True
+    keys = w.abs().float() if magnitude else w
+    mask[torch.sort(keys, descending=descending).indices[start:stop]] = True
     return mask
 
 
-def _replayed_mask(w: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor | None:
-    """The mask by replay (``w``: 1-D contiguous float32, left as it is); None where the replay cannot decide.
+def _replayed_mask(w: torch.Tensor, start: int, stop: int, descending: bool, magnitude: bool) -> torch.Tensor | None:
+    """The mask by replay (``w`` is left as it is); None where the replay cannot decide.
 
     The replay arranges a copy of the keys so that positions ``[start, stop)`` hold the entries of those ranks; an
     entry whose key lies strictly between their lowest and highest key is inside the range whatever the order, so
@@ -61,55 +63,97 @@ def _replayed_mask(w: torch.Tensor, start: int, stop: int, descending: bool) -> 
     select, boundary_ties = _STATE["kernels"]
     n = w.numel()
     key, idx, lbuf, rbuf = _scratch(n)
-    # descending order by comp ">" is ascending order of the negated keys by "<" (negation is exact, keeps ties)
-    torch.neg(w, out=key) if descending else key.copy_(w)
+    key.copy_(w)  # (a cast where w is not fp32: exact, as mergekit's .float())
+    if magnitude:
+        key.abs_()
+    if descending:  # descending by comp ">" is ascending by "<" of the negated keys (negation is exact, keeps ties)
+        key.neg_()
     if not select(key.numpy(), idx, start, stop, lbuf, rbuf):
         return None
-    count, lo_v, hi_v = boundary_ties(key.numpy(), idx, start, stop, start > 0, stop < n, lbuf)
-    lo_v, hi_v = float(lo_v), float(hi_v)
-    if descending:  # key = −w: key > lo_v ⟺ w < −lo_v
-        inside = _between(w, -hi_v if stop < n else None, -lo_v if start > 0 else None)
-    else:
-        inside = _between(w, lo_v if start > 0 else None, hi_v if stop < n else None)
-    inside[torch.from_numpy(lbuf[:count]).long()] = True
+    count, lo_v, hi_v = boundary_ties(key.numpy(), idx, start, stop, start > 0, stop < n)
+    above, below = (float(lo_v) if start > 0 else None), (float(hi_v) if stop < n else None)
+    if descending:  # key = −w: key > lo ⟺ w < −lo
+        above, below = (None if below is None else -below), (None if above is None else -above)
+    inside = _between(w, above, below, magnitude)
+    inside[torch.from_numpy(idx[:count]).long()] = True
     return inside
 
 
-def _between(w: torch.Tensor, above: float | None, below: float | None) -> torch.Tensor:
-    """Bool mask of ``above < w < below`` (a bound of None is no bound)."""
+def _between(w: torch.Tensor, above: float | None, below: float | None, magnitude: bool) -> torch.Tensor:
+    """Bool mask of ``above < w < below`` (of |w| with ``magnitude``; a bound of None is no bound), in a fresh
+    numpy-allocated buffer (large ones get transparent huge pages: far fewer page faults). The bounds are keys,
+    values of w's own dtype, so comparing in that dtype is exact."""
+    n = w.numel()
+    out = torch.from_numpy(np.empty(n, dtype=np.bool_))
+    tmp = torch.from_numpy(_scratch_bool(n, 0))
+
+    def into(dst: torch.Tensor, bound: float, greater: bool) -> torch.Tensor:
+        """dst = (|w| or w) > bound (``greater``), else < bound; |w| is never made."""
+        if not magnitude:
+            return torch.gt(w, bound, out=dst) if greater else torch.lt(w, bound, out=dst)
+        if greater:  # |w| > a ⟺ w > a or w < −a (a ≥ 0: keys are magnitudes)
+            torch.gt(w, bound, out=dst)
+            return dst.logical_or_(torch.lt(w, -bound, out=tmp))
+        torch.lt(w, bound, out=dst)  # |w| < b ⟺ −b < w < b
+        return dst.logical_and_(torch.gt(w, -bound, out=tmp))
+
     if above is None and below is None:
-        return torch.ones(w.shape, dtype=torch.bool)
+        return out.fill_(True)
     if above is None:
-        return w < below
-    if below is None:
-        return w > above
-    return (w > above) & (w < below)
+        return into(out, below, False)  # type: ignore[arg-type]
+    into(out, above, True)
+    if below is not None:
+        out.logical_and_(into(torch.from_numpy(_scratch_bool(n, 1)), below, False))
+    return out
+
+
+def _scratch_bool(n: int, which: int) -> np.ndarray:
+    """Per-thread bool buffer ``which`` (0 or 1) of n entries, grown as needed."""
+    if n > KEEP_SCRATCH:
+        return np.empty(n, dtype=np.bool_)
+    have = getattr(_LOCAL, "bools", None) or [np.empty(0, dtype=np.bool_)] * 2
+    if have[which].size < n:
+        have[which] = np.empty(max(n, 1 << 16), dtype=np.bool_)
+    _LOCAL.bools = have
+    return have[which][:n]
 
 
 def _scratch(n: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
-    """A float32 key buffer and three index buffers of n entries. Kept per thread up to ``KEEP_SCRATCH`` entries
-    (fresh pages cost about as much as the replay of a large tensor), allocated per call above that."""
+    """A float32 key buffer, an index buffer and two stop buffers for n entries (12 bytes per entry), numpy-
+    allocated (transparent huge pages for large ones). Kept per thread and grown as needed up to ``KEEP_SCRATCH``
+    entries (fresh pages cost about as much as the replay); larger tensors get buffers of their own, freed after."""
     if n > KEEP_SCRATCH:
-        itype = np.int32 if n < 1 << 31 else np.int64
-        return (torch.empty(n), *(np.empty(n, dtype=itype) for _ in range(3)))  # type: ignore[return-value]
+        return _new_scratch(n)
     have = getattr(_LOCAL, "bufs", None)
     if have is None or have[0].numel() < n:
-        size = max(n, 1 << 16)
-        have = _LOCAL.bufs = (torch.empty(size), *(np.empty(size, dtype=np.int32) for _ in range(3)))
-    return (have[0][:n], *(b[:n] for b in have[1:]))  # type: ignore[return-value]
+        have = _LOCAL.bufs = _new_scratch(max(n, 1 << 16))
+    stops = n // 2 + STOP_SLACK
+    return (have[0][:n], have[1][:n], have[2][:stops], have[3][:stops])
+
+
+def _new_scratch(size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    itype = np.int32 if size < 1 << 31 else np.int64
+    stops = size // 2 + STOP_SLACK  # a partition's left (right) stops: about half its part, see _sortkernels
+    return (
+        torch.from_numpy(np.empty(size, dtype=np.float32)),
+        np.empty(size, dtype=itype),
+        np.empty(stops, dtype=itype),
+        np.empty(stops, dtype=itype),
+    )
 
 
 def _self_check() -> bool:
-    """Does this process's torch sort the way ``_replayed_mask`` replays? Checked on tie-heavy float32 inputs
-    (few distinct values, sizes across the insertion-sort threshold and several partition levels)."""
+    """Does this process's torch sort the way ``_replayed_mask`` replays? Checked on tie-heavy inputs (few
+    distinct values, signed, sizes across the insertion-sort threshold and several partition levels)."""
     g = torch.Generator().manual_seed(0)
     for n, levels in ((40, 3), (300, 7), (3000, 2), (3000, 40), (20_000, 300)):
-        w = torch.randint(0, levels, (n,), generator=g).float().mul_(0.125)
+        w = (torch.randint(0, 2 * levels, (n,), generator=g) - levels).float().mul_(0.125)
         for start, stop in ((0, n // 2), (n // 3, n - n // 5), (0, 17), (n - 1, n)):
             for descending in (True, False):
-                got = _replayed_mask(w, start, stop, descending)
-                if got is None or not torch.equal(got, _sorted_mask(w, start, stop, descending)):
-                    return False
+                for magnitude, x in ((False, w), (True, w), (True, w.bfloat16())):
+                    got = _replayed_mask(x, start, stop, descending, magnitude)
+                    if got is None or not torch.equal(got, _sorted_mask(x, start, stop, descending, magnitude)):
+                        return False
     return True
 
 
@@ -123,20 +167,22 @@ def replay_available() -> bool:
         return bool(_STATE["ok"])
 
 
-def rank_mask(w: torch.Tensor, start: int, stop: int, *, descending: bool) -> torch.Tensor:
-    """Flat bool mask of the entries ``torch.sort(w, descending=descending).indices[start:stop]`` names.
-
-    ``w``: a 1-D contiguous float32 CPU tensor. Exactly the real sort's set (see the module docstring), in O(n)."""
+def rank_mask(w: torch.Tensor, start: int, stop: int, *, descending: bool, magnitude: bool = False) -> torch.Tensor:
+    """Flat bool mask of the entries ``torch.sort(keys, descending=descending).indices[start:stop]`` names, where
+    ``keys`` is ``w`` (1-D contiguous float32), or with ``magnitude`` ``w.abs().float()`` (``w`` 1-D contiguous, any
+    floating dtype: mergekit's ``tensor.abs().float()``, without making it). Exactly the real sort's set (see the
+    module docstring), in O(n)."""
     n = w.numel()
     start, stop = max(0, min(start, n)), max(0, min(stop, n))
-    if w.dtype != torch.float32 or w.dim() != 1 or not w.is_contiguous():
-        raise ValueError(f"rank_mask: a 1-D contiguous float32 tensor, not {w.dtype} of shape {tuple(w.shape)}")
+    if w.dim() != 1 or not w.is_contiguous() or not (w.dtype == torch.float32 or magnitude and w.is_floating_point()):
+        need = "a floating" if magnitude else "a float32"
+        raise ValueError(f"rank_mask: {need} 1-D contiguous tensor, not {w.dtype} of shape {tuple(w.shape)}")
     if stop <= start:
         return torch.zeros(n, dtype=torch.bool)
     if stop - start == n:
         return torch.ones(n, dtype=torch.bool)
     if n > THRESHOLD and replay_available():
-        got = _replayed_mask(w, start, stop, descending)
+        got = _replayed_mask(w, start, stop, descending, magnitude)
         if got is not None:
             return got
-    return _sorted_mask(w, start, stop, descending)
+    return _sorted_mask(w, start, stop, descending, magnitude)

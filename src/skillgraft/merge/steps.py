@@ -108,22 +108,14 @@ def exact_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     the full sort (a replay of the partitions that decide it), or sorts where it cannot.
     """
     k = keep_count(density, delta.numel())
-    return sortpath.rank_mask(_abs_fp32(delta), 0, k, descending=True)
-
-
-def _abs_fp32(delta: torch.Tensor) -> torch.Tensor:
-    """Flat |Δ| in fp32 (mergekit's ``tensor.abs().float()``), one copy."""
-    flat = delta.reshape(-1)
-    return flat.abs() if flat.dtype == torch.float32 else flat.float().abs_()
+    return sortpath.rank_mask(delta.reshape(-1), 0, k, descending=True, magnitude=True)
 
 
 def exact_trim_plan(delta: torch.Tensor, density: float) -> tuple[float, int, list[int]] | torch.Tensor:
     """mergekit's exactly-k trim of one Δ (``argsort`` order, ties included): a ``position_trim`` plan where the
     k-th largest |Δ| is 0 (the tied entries are zeros: kept or dropped, the same numbers), else the keep mask."""
-    k = keep_count(density, delta.numel())
-    t = kth_largest_abs(delta, k) if k else float("inf")
-    if t == 0:
-        return position_trim_plan(delta, density, t)
+    if int(torch.count_nonzero(delta)) < keep_count(density, delta.numel()):  # the k-th largest |Δ| is 0
+        return position_trim_plan(delta, density, 0.0)
     return exact_keep_mask(delta, density)
 
 
@@ -169,7 +161,7 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    keep = sortpath.rank_mask(_abs_fp32(delta), n_bot, n_bot + target, descending=False)
+    keep = sortpath.rank_mask(delta.reshape(-1), n_bot, n_bot + target, descending=False, magnitude=True)
     return as01(keep, delta.dtype).reshape_as(delta)
 
 

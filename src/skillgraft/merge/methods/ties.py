@@ -73,7 +73,7 @@ def prepare_trim(
         if tie_break == "position":
             return ("exact", job.each(lambda d: steps.position_trim_plan(d, density), rows))
         plan = lambda d: steps.exact_trim_plan(d, density)  # noqa: E731
-        # A replay holds ~21 bytes per entry: side by side only while that stays small (peak memory over speed).
+        # A replay holds ~14 bytes per entry: side by side only while that stays small (peak memory over speed).
         return ("exact", job.each(plan, rows) if job.deltas[0].numel() <= 1 << 25 else [plan(d) for d in rows])
     return ("threshold", _column(job.each(lambda d: steps.magnitude_threshold(d, density), rows)))
 
