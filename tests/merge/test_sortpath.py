@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from skillgraft.merge import sortpath, steps
+
+
+@pytest.fixture(autouse=True)
+def replay_small_tensors(monkeypatch):  # noqa: ANN001, ANN201
+    """rank_mask sorts tensors under REPLAY_MIN entries; the tests replay from 17 entries up."""
+    monkeypatch.setattr(sortpath, "REPLAY_MIN", sortpath.THRESHOLD + 1)
 
 
 def sorted_mask(w: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:

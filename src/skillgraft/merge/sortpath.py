@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 THRESHOLD = 16  # parts this small are left to std::sort's final insertion sort (as in _sortkernels)
+REPLAY_MIN = 1 << 16  # smaller tensors sort (well under a millisecond), so numba never loads for them
 KEEP_SCRATCH = 1 << 25  # entries (~400 MiB of scratch per thread at most)
 STOP_SLACK = 16 * 1024  # stop-buffer entries beyond half a part (the scan's blocks are 1024)
 _CHECK_LOCK = threading.Lock()
@@ -181,7 +182,7 @@ def rank_mask(w: torch.Tensor, start: int, stop: int, *, descending: bool, magni
         return torch.zeros(n, dtype=torch.bool)
     if stop - start == n:
         return torch.ones(n, dtype=torch.bool)
-    if n > THRESHOLD and replay_available():
+    if n >= REPLAY_MIN and replay_available():
         got = _replayed_mask(w, start, stop, descending, magnitude)
         if got is not None:
             return got
