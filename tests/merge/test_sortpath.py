@@ -90,3 +90,29 @@ def test_edges_and_bad_input() -> None:
         assert "float32" in str(e)
     else:
         raise AssertionError("a float64 tensor was accepted")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(20_000, 200_000),
+    levels=st.integers(1, 400),
+    a=st.floats(0, 1),
+    b=st.floats(0, 1),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    descending=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_long_parts_in_every_source_dtype(
+    n: int, levels: int, a: float, b: float, dtype: torch.dtype, descending: bool, seed: int
+) -> None:
+    """Parts of many scan blocks, signed keys read as |w| from fp32, bf16 (bits shifted) and fp16 (cast) sources,
+    both zeros (+0 and −0 tie under the sort's comparison)."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randint(0, 2 * levels + 1, (n,), generator=g) - levels).float().mul_(0.5 / levels).to(dtype)
+    w[torch.randint(0, n, (n // 50,), generator=g)] = -0.0
+    start, stop = sorted((int(a * n), int(b * n)))
+    got = sortpath.rank_mask(w, start, stop, descending=descending, magnitude=True)
+    assert torch.equal(got, sortpath._sorted_mask(w, start, stop, descending, True))
+    signed = w.float()
+    got = sortpath.rank_mask(signed, start, stop, descending=descending)
+    assert torch.equal(got, sorted_mask(signed, start, stop, descending))

@@ -1,6 +1,10 @@
 """numba kernels of ``merge.sortpath`` (imported only when a sort replay is needed: importing numba costs
 ~0.3 s). They replay libstdc++'s ``std::sort`` (comp ``<``) on the parts of the array that hold a rank boundary;
-``sortpath``'s docstring says why that gives the real sort's set."""
+``sortpath``'s docstring says why that gives the real sort's set.
+
+Keys are handled as float32 bit patterns (``uint32`` views): a bf16 value is its 16 bits shifted up (exactly
+``.float()``), |x| clears the sign bit and −x flips it (exactly ``abs`` and ``neg``), so one pass reads Δ in its own
+dtype and writes the keys the sort compares."""
 
 # ruff: noqa: ANN001, ANN201, ANN202
 
@@ -8,18 +12,41 @@ import numpy as np
 from numba import njit
 
 THRESHOLD = 16  # libstdc++'s _S_threshold: parts this small are left to the final insertion sort
-BLOCK = 1024  # entries scanned at a time per side of a partition
+BLOCK = 256  # entries scanned at a time per side of a partition (the stop buffers' size)
+SIGN = np.uint32(0x80000000)
+ABS = np.uint32(0x7FFFFFFF)
+INF = np.uint32(0x7F800000)
+INSIDE_START, INSIDE_STOP = 1, 2  # select's flags: the boundary lies strictly inside a final (sorted) part
 
 
 @njit(cache=True, nogil=True)
-def partition(key, idx, lo, hi, lbuf, rbuf):
-    """libstdc++ ``__unguarded_partition_pivot`` on ``[lo, hi)`` with comp = ``<``; returns the cut.
+def _bits(src, j, shift, magnitude, negate):
+    """The key's float32 bits for ``src[j]`` (uint16 bf16 bits with shift 16, or uint32 float32 bits)."""
+    b = np.uint32(np.uint32(src[j]) << shift)
+    if magnitude:
+        b = np.uint32(b & ABS)
+    if negate:
+        b = np.uint32(b ^ SIGN)
+    return b
 
-    Hoare's loop pairs the i-th left stop (key ≥ pivot, ascending) with the i-th right stop (key ≤ pivot,
-    descending) while the left one is before the right one; both lists are built branch-free first, the
-    number of swaps m is where they cross (monotone: binary search), and the cut is where the left scan stops
-    after the last swap: L[m], or R[m−1] when the swapped-in entry there stops it first."""
-    a, b, c = lo + 1, lo + (hi - lo) // 2, hi - 1  # __move_median_to_first(lo, lo+1, mid, hi-1)
+
+@njit(cache=True, nogil=True)
+def load_keys(src, shift, magnitude, negate, keybits, idx):
+    """keybits[j] = the key of src[j], idx[j] = j; True where a key is NaN (torch orders NaN first: the caller
+    sorts for real)."""
+    nan = False
+    for j in range(src.size):
+        b = _bits(src, j, shift, magnitude, negate)
+        keybits[j] = b
+        idx[j] = j
+        nan |= (b & ABS) > INF
+    return nan
+
+
+@njit(cache=True, nogil=True)
+def _median_to_first(key, idx, lo, hi):
+    """libstdc++ ``__move_median_to_first(lo, lo+1, mid, hi-1)``."""
+    a, b, c = lo + 1, lo + (hi - lo) // 2, hi - 1
     if key[a] < key[b]:
         if key[b] < key[c]:
             s = b
@@ -35,60 +62,70 @@ def partition(key, idx, lo, hi, lbuf, rbuf):
         s = b
     key[lo], key[s] = key[s], key[lo]
     idx[lo], idx[s] = idx[s], idx[lo]
+
+
+@njit(cache=True, nogil=True)
+def partition(key, idx, lo, hi, lbuf, rbuf):
+    """libstdc++ ``__unguarded_partition_pivot`` on ``[lo, hi)`` with comp = ``<``; returns the cut.
+
+    Hoare's loop swaps its i-th left stop (key ≥ pivot, ascending) with its i-th right stop (key ≤ pivot,
+    descending) while the left one is before the right one. Block phase: blocks of ``BLOCK`` entries are scanned
+    branch-free from both ends into the stop buffers and the buffered pairs swapped at once, as long as the left
+    region scanned, ``[lo+1, i)``, and the right one, ``(j, hi−1]``, stay apart: then every buffered left stop is
+    before every buffered right stop, no scanned entry has been moved by the other side, and the pairs are Hoare's
+    own, swapped in his order. When less than a block is left between the regions, Hoare's loop itself finishes
+    from the state after the last swap (it scans again at most about three blocks)."""
+    _median_to_first(key, idx, lo, hi)
     p = key[lo]
-    # Left stops (not key < p) ascending from lo+1, right stops (not p < key) descending from hi-1, scanned in
-    # blocks, extending the shorter list, until the pairs cross (then every pair that swaps is known) or the left
-    # scan runs out. The pivot at lo is the right scan's sentinel, so the pairs always cross before it runs out.
-    nl = nr = 0
     i, j = lo + 1, hi - 1
+    nl = nr = pl = pr = 0
+    first, last = lo + 1, hi
     while True:
-        if nl <= nr:
-            if i >= hi:
+        if pl == nl:
+            if j - i + 1 < BLOCK:
                 break
-            e = min(i + BLOCK, hi)
-            for q in range(i, e):
+            nl = pl = 0
+            for q in range(i, i + BLOCK):
                 lbuf[nl] = q
                 nl += not key[q] < p
-            i = e
-        else:
-            e = max(j - BLOCK, lo - 1)
-            for q in range(j, e, -1):
+            i += BLOCK
+        if pr == nr:
+            if j - i + 1 < BLOCK:
+                break
+            nr = pr = 0
+            for q in range(j, j - BLOCK, -1):
                 rbuf[nr] = q
                 nr += not p < key[q]
-            j = e
-        c = min(nl, nr)
-        if c > 0 and lbuf[c - 1] >= rbuf[c - 1]:
-            break
-    x, y = 0, min(nl, nr)  # m = the first i with L[i] >= R[i] (monotone: L rises, R falls), else min(nl, nr)
-    while x < y:
-        mid = (x + y) // 2
-        if lbuf[mid] >= rbuf[mid]:
-            y = mid
-        else:
-            x = mid + 1
-    m = x
-    for i in range(m):
-        f, g = lbuf[i], rbuf[i]
-        key[f], key[g] = key[g], key[f]
-        idx[f], idx[g] = idx[g], idx[f]
-    if m == 0:
-        return np.int64(lbuf[0])
-    if m >= nl or rbuf[m - 1] < lbuf[m]:
-        return np.int64(rbuf[m - 1])
-    return np.int64(lbuf[m])
+            j -= BLOCK
+        m = min(nl - pl, nr - pr)
+        if m > 0:
+            for t in range(pl, pl + m):
+                f, g = lbuf[t], rbuf[t - pl + pr]
+                key[f], key[g] = key[g], key[f]
+                idx[f], idx[g] = idx[g], idx[f]
+            pl += m
+            pr += m
+            first, last = lbuf[pl - 1] + 1, rbuf[pr - 1]
+    while True:  # Hoare's loop (unguarded: the pivot at lo and the median rule stop both scans)
+        while key[first] < p:
+            first += 1
+        last -= 1
+        while p < key[last]:
+            last -= 1
+        if not first < last:
+            return np.int64(first)
+        key[first], key[last] = key[last], key[first]
+        idx[first], idx[last] = idx[last], idx[first]
+        first += 1
 
 
 @njit(cache=True, nogil=True)
 def select(key, idx, start, stop, lbuf, rbuf):
-    """Arrange ``key``/``idx`` as std::sort would at every rank in ``[start, stop)``; False where a key is NaN or
-    a part on a boundary's path would hit the depth limit (heapsort there): the caller sorts for real."""
+    """Arrange ``key``/``idx`` as std::sort would at every rank in ``[start, stop)``. Returns -1 where a part on a
+    boundary's path would hit the depth limit (heapsort there: the caller sorts for real), else the flags
+    ``INSIDE_START`` / ``INSIDE_STOP`` of the boundaries that ended strictly inside a final part (which is then
+    sorted, so the lowest key at ranks ≥ start is ``key[start]``, the highest below stop ``key[stop − 1]``)."""
     n = key.size
-    nan = False
-    for j in range(n):
-        idx[j] = j
-        nan |= key[j] != key[j]
-    if nan:  # torch orders NaN first; the real sort handles it
-        return False
     depth, m = 0, n
     while m > 1:
         m >>= 1
@@ -102,13 +139,12 @@ def select(key, idx, start, stop, lbuf, rbuf):
             done.append((lo, hi))
             continue
         if d == 0:
-            return False
+            return -1
         cut = partition(key, idx, lo, hi, lbuf, rbuf)
-        if cut < 0:
-            return False
         for a, b in ((lo, cut), (cut, hi)):
             if (a < start < b) or (a < stop < b):
                 todo.append((a, b, d - 1))
+    flags = 0
     for lo, hi in done:  # the final insertion sort (stable for equal keys) of each boundary part
         for i in range(lo + 1, hi):
             v, x = key[i], idx[i]
@@ -119,20 +155,27 @@ def select(key, idx, start, stop, lbuf, rbuf):
                 j -= 1
             key[j] = v
             idx[j] = x
-    return True
+        if lo < start < hi:
+            flags |= INSIDE_START
+        if lo < stop < hi:
+            flags |= INSIDE_STOP
+    return flags
 
 
 @njit(cache=True, nogil=True)
-def boundary_ties(key, idx, start, stop, check_lo, check_hi):
-    """Move to ``idx[:count]`` the first positions of the entries at ranks ``[start, stop)`` whose key equals the
-    lowest (when ``check_lo``) or highest (when ``check_hi``) key there; returns count, the lowest and the highest
-    key. (Positions ``[start, stop)`` hold exactly those ranks after ``select``, though not in order; the
-    compaction writes at or before where it reads, so ``idx`` is its own output.)"""
-    lo_v, hi_v = key[start], key[start]
-    for j in range(start, stop):
-        v = key[j]
-        lo_v = min(lo_v, v)
-        hi_v = max(hi_v, v)
+def boundary_ties(key, idx, start, stop, flags):
+    """The lowest and highest key at ranks ``[start, stop)`` (from ``select``'s flags where it can, else by a scan),
+    and the positions of the entries there equal to the lowest (when start > 0) or the highest (when stop < n)
+    moved to ``idx[:count]``; returns (count, lowest, highest). Positions ``[start, stop)`` hold exactly those
+    ranks after ``select``, though not in order; the compaction writes at or before where it reads."""
+    n = key.size
+    lo_v, hi_v = key[start], key[stop - 1]
+    if not flags & INSIDE_START or not flags & INSIDE_STOP:
+        for j in range(start, stop):
+            v = key[j]
+            lo_v = v if v < lo_v else lo_v
+            hi_v = v if v > hi_v else hi_v
+    check_lo, check_hi = start > 0, stop < n
     count = 0
     for j in range(start, stop):
         v = key[j]
@@ -140,3 +183,14 @@ def boundary_ties(key, idx, start, stop, check_lo, check_hi):
             idx[count] = idx[j]
             count += 1
     return count, lo_v, hi_v
+
+
+@njit(cache=True, nogil=True)
+def fill_mask(src, shift, magnitude, negate, has_lo, lo_v, has_hi, hi_v, ties, count, out):
+    """out[j] = lo_v < key(src[j]) < hi_v (a bound that is absent is no bound), then out[ties[:count]] = True:
+    the strict inside of the ranks, where order cannot matter, plus the tied entries the replay put inside."""
+    for j in range(src.size):
+        v = np.uint32(_bits(src, j, shift, magnitude, negate)).view(np.float32)
+        out[j] = (not has_lo or v > lo_v) and (not has_hi or v < hi_v)
+    for t in range(count):
+        out[ties[t]] = True

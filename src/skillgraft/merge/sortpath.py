@@ -31,20 +31,19 @@ import torch
 
 THRESHOLD = 16  # parts this small are left to std::sort's final insertion sort (as in _sortkernels)
 REPLAY_MIN = 1 << 16  # smaller tensors sort (well under a millisecond), so numba never loads for them
-KEEP_SCRATCH = 1 << 25  # entries (~400 MiB of scratch per thread at most)
-STOP_SLACK = 16 * 1024  # stop-buffer entries beyond half a part (the scan's blocks are 1024)
+KEEP_SCRATCH = 1 << 25  # entries (~270 MiB of scratch per thread at most)
 _CHECK_LOCK = threading.Lock()
 _LOCAL = threading.local()
 _STATE: dict[str, Any] = {}
 
 
 def _kernels() -> Any:
-    """The numba kernels (compiled, or loaded from numba's cache, on first use); None without numba."""
+    """The numba kernels module (compiled, or loaded from numba's cache, on first use); None without numba."""
     try:
         from skillgraft.merge import _sortkernels
     except ImportError:  # pragma: no cover - numba is a dependency; kept so a broken install still merges
         return None
-    return _sortkernels.select, _sortkernels.boundary_ties
+    return _sortkernels
 
 
 def _sorted_mask(w: torch.Tensor, start: int, stop: int, descending: bool, magnitude: bool) -> torch.Tensor:
@@ -55,91 +54,57 @@ def _sorted_mask(w: torch.Tensor, start: int, stop: int, descending: bool, magni
     return mask
 
 
+def _source(w: torch.Tensor) -> tuple[np.ndarray, int]:
+    """w's bits as the kernels read them: (uint32 view of fp32, 0) or (uint16 view of bf16, 16); other dtypes are
+    cast to fp32 first (exact, as mergekit's ``.float()``)."""
+    if w.dtype == torch.bfloat16:
+        return w.view(torch.int16).numpy().view(np.uint16), 16
+    return w.float().numpy().view(np.uint32), 0
+
+
 def _replayed_mask(w: torch.Tensor, start: int, stop: int, descending: bool, magnitude: bool) -> torch.Tensor | None:
     """The mask by replay (``w`` is left as it is); None where the replay cannot decide.
 
     The replay arranges a copy of the keys so that positions ``[start, stop)`` hold the entries of those ranks; an
     entry whose key lies strictly between their lowest and highest key is inside the range whatever the order, so
-    the mask is that comparison on ``w``, plus the entries equal to a boundary key that the replay put inside."""
-    select, boundary_ties = _STATE["kernels"]
+    the mask is that comparison, plus the entries equal to a boundary key that the replay put inside. Keys are
+    ``w``, ``|w|`` with ``magnitude``, negated where ``descending`` (descending by ``>`` is ascending by ``<`` of the
+    negated keys: negation is exact and keeps ties)."""
+    k = _STATE["kernels"]
     n = w.numel()
+    src, shift = _source(w)
     key, idx, lbuf, rbuf = _scratch(n)
-    key.copy_(w)  # (a cast where w is not fp32: exact, as mergekit's .float())
-    if magnitude:
-        key.abs_()
-    if descending:  # descending by comp ">" is ascending by "<" of the negated keys (negation is exact, keeps ties)
-        key.neg_()
-    if not select(key.numpy(), idx, start, stop, lbuf, rbuf):
+    if k.load_keys(src, shift, magnitude, descending, key.view(np.uint32), idx):
+        return None  # NaN: torch orders it first; the real sort handles it
+    flags = k.select(key, idx, start, stop, lbuf, rbuf)
+    if flags < 0:
         return None
-    count, lo_v, hi_v = boundary_ties(key.numpy(), idx, start, stop, start > 0, stop < n)
-    above, below = (float(lo_v) if start > 0 else None), (float(hi_v) if stop < n else None)
-    if descending:  # key = −w: key > lo ⟺ w < −lo
-        above, below = (None if below is None else -below), (None if above is None else -above)
-    inside = _between(w, above, below, magnitude)
-    inside[torch.from_numpy(idx[:count]).long()] = True
-    return inside
+    count, lo_v, hi_v = k.boundary_ties(key, idx, start, stop, flags)
+    out = np.empty(n, dtype=np.bool_)
+    k.fill_mask(src, shift, magnitude, descending, start > 0, lo_v, stop < n, hi_v, idx, count, out)
+    return torch.from_numpy(out)
 
 
-def _between(w: torch.Tensor, above: float | None, below: float | None, magnitude: bool) -> torch.Tensor:
-    """Bool mask of ``above < w < below`` (of |w| with ``magnitude``; a bound of None is no bound), in a fresh
-    numpy-allocated buffer (large ones get transparent huge pages: far fewer page faults). The bounds are keys,
-    values of w's own dtype, so comparing in that dtype is exact."""
-    n = w.numel()
-    out = torch.from_numpy(np.empty(n, dtype=np.bool_))
-    tmp = torch.from_numpy(_scratch_bool(n, 0))
-
-    def into(dst: torch.Tensor, bound: float, greater: bool) -> torch.Tensor:
-        """dst = (|w| or w) > bound (``greater``), else < bound; |w| is never made."""
-        if not magnitude:
-            return torch.gt(w, bound, out=dst) if greater else torch.lt(w, bound, out=dst)
-        if greater:  # |w| > a ⟺ w > a or w < −a (a ≥ 0: keys are magnitudes)
-            torch.gt(w, bound, out=dst)
-            return dst.logical_or_(torch.lt(w, -bound, out=tmp))
-        torch.lt(w, bound, out=dst)  # |w| < b ⟺ −b < w < b
-        return dst.logical_and_(torch.gt(w, -bound, out=tmp))
-
-    if above is None and below is None:
-        return out.fill_(True)
-    if above is None:
-        return into(out, below, False)  # type: ignore[arg-type]
-    into(out, above, True)
-    if below is not None:
-        out.logical_and_(into(torch.from_numpy(_scratch_bool(n, 1)), below, False))
-    return out
-
-
-def _scratch_bool(n: int, which: int) -> np.ndarray:
-    """Per-thread bool buffer ``which`` (0 or 1) of n entries, grown as needed."""
-    if n > KEEP_SCRATCH:
-        return np.empty(n, dtype=np.bool_)
-    have = getattr(_LOCAL, "bools", None) or [np.empty(0, dtype=np.bool_)] * 2
-    if have[which].size < n:
-        have[which] = np.empty(max(n, 1 << 16), dtype=np.bool_)
-    _LOCAL.bools = have
-    return have[which][:n]
-
-
-def _scratch(n: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
-    """A float32 key buffer, an index buffer and two stop buffers for n entries (12 bytes per entry), numpy-
-    allocated (transparent huge pages for large ones). Kept per thread and grown as needed up to ``KEEP_SCRATCH``
-    entries (fresh pages cost about as much as the replay); larger tensors get buffers of their own, freed after."""
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A float32 key buffer and an index buffer for n entries (8 bytes per entry) and two stop buffers of one scan
+    block. Kept per thread and grown as needed up to ``KEEP_SCRATCH`` entries (fresh pages cost about as much as
+    the replay); larger tensors get buffers of their own, freed after."""
     if n > KEEP_SCRATCH:
         return _new_scratch(n)
     have = getattr(_LOCAL, "bufs", None)
-    if have is None or have[0].numel() < n:
+    if have is None or have[0].size < n:
         have = _LOCAL.bufs = _new_scratch(max(n, 1 << 16))
-    stops = n // 2 + STOP_SLACK
-    return (have[0][:n], have[1][:n], have[2][:stops], have[3][:stops])
+    return (have[0][:n], have[1][:n], have[2], have[3])
 
 
-def _new_scratch(size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+def _new_scratch(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     itype = np.int32 if size < 1 << 31 else np.int64
-    stops = size // 2 + STOP_SLACK  # a partition's left (right) stops: about half its part, see _sortkernels
+    block = _STATE["kernels"].BLOCK
     return (
-        torch.from_numpy(np.empty(size, dtype=np.float32)),
+        np.empty(size, dtype=np.float32),
         np.empty(size, dtype=itype),
-        np.empty(stops, dtype=itype),
-        np.empty(stops, dtype=itype),
+        np.empty(block, dtype=itype),
+        np.empty(block, dtype=itype),
     )
 
 
