@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test test-fast test-mergekit lint bench clean
 
-$(BIN)/skillgraft: pyproject.toml
+$(BIN)/skillgraft: pyproject.toml src/skillgraft/merge/_sortreplay.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch is pinned: a plain `torch` requirement pulls a multi-GB CUDA build.

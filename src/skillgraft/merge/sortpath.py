@@ -18,19 +18,20 @@ then the stable insertion sort of the last ≤ 16-entry parts) and returns the s
 How we know it is the same set: by construction (the steps above), by a self-check against ``torch.sort`` on
 tie-heavy inputs the first time it runs in a process, and by property tests. Where the check fails (another
 torch build: x86-simd-sort, macOS's libc++, …), where a part would fall back to heapsort (the depth limit), where
-a key is NaN, or where numba is missing, ``rank_mask`` runs the real sort — slower, never different.
+a key is NaN, or where the C extension was not built (no compiler at install), ``rank_mask`` runs the real sort — slower, never different.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from typing import Any
 
 import numpy as np
 import torch
 
-THRESHOLD = 16  # parts this small are left to std::sort's final insertion sort (as in _sortkernels)
-REPLAY_MIN = 1 << 16  # smaller tensors sort (well under a millisecond), so numba never loads for them
+THRESHOLD = 16  # parts this small are left to std::sort's final insertion sort (as in _sortreplay.c)
+REPLAY_MIN = 1 << 16  # smaller tensors sort (well under a millisecond)
 KEEP_SCRATCH = 1 << 25  # entries (~270 MiB of scratch per thread at most)
 _CHECK_LOCK = threading.Lock()
 _LOCAL = threading.local()
@@ -38,12 +39,17 @@ _STATE: dict[str, Any] = {}
 
 
 def _kernels() -> Any:
-    """The numba kernels module (compiled, or loaded from numba's cache, on first use); None without numba."""
+    """``sg_rank_mask`` of the compiled ``_sortreplay`` extension through ctypes (which releases the GIL for the
+    call); None where the extension was not built (the install had no C compiler)."""
     try:
-        from skillgraft.merge import _sortkernels
-    except ImportError:  # pragma: no cover - numba is a dependency; kept so a broken install still merges
+        from skillgraft.merge import _sortreplay  # type: ignore[attr-defined]
+    except ImportError:
         return None
-    return _sortkernels
+    fn = ctypes.CDLL(_sortreplay.__file__).sg_rank_mask
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [p, i32, i64, i64, i64, i32, i32, p, p, p]
+    fn.restype = i64
+    return fn
 
 
 def _sorted_mask(w: torch.Tensor, start: int, stop: int, descending: bool, magnitude: bool) -> torch.Tensor:
@@ -54,58 +60,39 @@ def _sorted_mask(w: torch.Tensor, start: int, stop: int, descending: bool, magni
     return mask
 
 
-def _source(w: torch.Tensor) -> tuple[np.ndarray, int]:
-    """w's bits as the kernels read them: (uint32 view of fp32, 0) or (uint16 view of bf16, 16); other dtypes are
-    cast to fp32 first (exact, as mergekit's ``.float()``)."""
-    if w.dtype == torch.bfloat16:
-        return w.view(torch.int16).numpy().view(np.uint16), 16
-    return w.float().numpy().view(np.uint32), 0
-
-
 def _replayed_mask(w: torch.Tensor, start: int, stop: int, descending: bool, magnitude: bool) -> torch.Tensor | None:
-    """The mask by replay (``w`` is left as it is); None where the replay cannot decide.
+    """The mask by replay (``w`` is left as it is); None where the replay cannot decide (NaN, the depth limit).
 
     The replay arranges a copy of the keys so that positions ``[start, stop)`` hold the entries of those ranks; an
     entry whose key lies strictly between their lowest and highest key is inside the range whatever the order, so
     the mask is that comparison, plus the entries equal to a boundary key that the replay put inside. Keys are
     ``w``, ``|w|`` with ``magnitude``, negated where ``descending`` (descending by ``>`` is ascending by ``<`` of the
-    negated keys: negation is exact and keeps ties)."""
-    k = _STATE["kernels"]
+    negated keys: negation is exact and keeps ties); bf16 is read as its bits, other dtypes cast to fp32 first
+    (exact, as mergekit's ``.float()``)."""
     n = w.numel()
-    src, shift = _source(w)
-    key, idx, lbuf, rbuf = _scratch(n)
-    if k.load_keys(src, shift, magnitude, descending, key.view(np.uint32), idx):
-        return None  # NaN: torch orders it first; the real sort handles it
-    flags = k.select(key, idx, start, stop, lbuf, rbuf)
-    if flags < 0:
-        return None
-    count, lo_v, hi_v = k.boundary_ties(key, idx, start, stop, flags)
+    if n >= 1 << 31:
+        return None  # int32 positions
+    src = w if w.dtype in (torch.float32, torch.bfloat16) else w.float()
+    key, idx = _scratch(n)
     out = np.empty(n, dtype=np.bool_)
-    k.fill_mask(src, shift, magnitude, descending, start > 0, lo_v, stop < n, hi_v, idx, count, out)
-    return torch.from_numpy(out)
+    count = _STATE["kernels"](
+        src.data_ptr(), src.dtype == torch.bfloat16, n, start, stop, magnitude, descending,
+        key.ctypes.data, idx.ctypes.data, out.ctypes.data,
+    )  # fmt: skip
+    return torch.from_numpy(out) if count >= 0 else None
 
 
-def _scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A float32 key buffer and an index buffer for n entries (8 bytes per entry) and two stop buffers of one scan
-    block. Kept per thread and grown as needed up to ``KEEP_SCRATCH`` entries (fresh pages cost about as much as
-    the replay); larger tensors get buffers of their own, freed after."""
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A float32 key buffer and an int32 index buffer for n entries (8 bytes per entry). Kept per thread and grown
+    as needed up to ``KEEP_SCRATCH`` entries (fresh pages cost about as much as the replay); larger tensors get
+    buffers of their own, freed after."""
     if n > KEEP_SCRATCH:
-        return _new_scratch(n)
+        return np.empty(n, dtype=np.float32), np.empty(n, dtype=np.int32)
     have = getattr(_LOCAL, "bufs", None)
     if have is None or have[0].size < n:
-        have = _LOCAL.bufs = _new_scratch(max(n, 1 << 16))
-    return (have[0][:n], have[1][:n], have[2], have[3])
-
-
-def _new_scratch(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    itype = np.int32 if size < 1 << 31 else np.int64
-    block = _STATE["kernels"].BLOCK
-    return (
-        np.empty(size, dtype=np.float32),
-        np.empty(size, dtype=itype),
-        np.empty(block, dtype=itype),
-        np.empty(block, dtype=itype),
-    )
+        size = max(n, 1 << 16)
+        have = _LOCAL.bufs = (np.empty(size, dtype=np.float32), np.empty(size, dtype=np.int32))
+    return have[0][:n], have[1][:n]
 
 
 def _self_check() -> bool:
@@ -124,7 +111,7 @@ def _self_check() -> bool:
 
 
 def replay_available() -> bool:
-    """True where ``rank_mask`` replays the sort (numba present and the self-check passed), else it sorts."""
+    """True where ``rank_mask`` replays the sort (the C extension built and the self-check passed), else it sorts."""
     with _CHECK_LOCK:
         if "ok" not in _STATE:
             kernels = _kernels()
