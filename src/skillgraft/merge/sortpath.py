@@ -13,12 +13,14 @@ introsort with a median-of-three pivot moved to the front, Hoare's unguarded par
 part never looks at another part, so the entries that end at ranks ``[start, stop)`` follow from the partitions of
 the parts that hold a rank boundary strictly inside — a quickselect along at most two paths, O(n) instead of
 O(n log n). ``rank_mask`` replays exactly those partitions (same pivot rule, same swaps, same stopping rule,
-then the stable insertion sort of the last ≤ 16-entry parts) and returns the same set bit for bit.
+then the stable insertion sort of the last ≤ 16-entry parts) and returns the same set bit for bit. The loops are
+C (``_sortreplay.c``, an optional extension built at install, called through ctypes without the GIL).
 
 How we know it is the same set: by construction (the steps above), by a self-check against ``torch.sort`` on
 tie-heavy inputs the first time it runs in a process, and by property tests. Where the check fails (another
 torch build: x86-simd-sort, macOS's libc++, …), where a part would fall back to heapsort (the depth limit), where
-a key is NaN, or where the C extension was not built (no compiler at install), ``rank_mask`` runs the real sort — slower, never different.
+a key is NaN, or where the C extension was not built (no compiler at install), ``rank_mask`` runs the real
+sort — slower, never different.
 """
 
 from __future__ import annotations
