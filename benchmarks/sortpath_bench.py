@@ -30,7 +30,7 @@ def main() -> None:
     n = delta.numel()
     t0 = time.perf_counter()
     assert sortpath.replay_available(), "the replay's self-check failed on this torch build"
-    print(f"numba kernels + self-check: {time.perf_counter() - t0:.2f} s (first use in a process)\n")
+    print(f"C replay (ctypes) + self-check: {time.perf_counter() - t0:.2f} s (first use in a process)\n")
     print("| ranks | density | replay (s), runs | torch.sort (s), runs | speed-up (best) | same set |")
     print("|---|---:|---:|---:|---:|---|")
     for density in (float(x) for x in args.densities.split(",")):

@@ -116,3 +116,29 @@ def test_long_parts_in_every_source_dtype(
     signed = w.float()
     got = sortpath.rank_mask(signed, start, stop, descending=descending)
     assert torch.equal(got, sorted_mask(signed, start, stop, descending))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(17, 30_000),
+    levels=st.integers(1, 300),
+    density=st.floats(0.01, 0.99),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**31),
+)
+def test_rank_trim_is_delta_times_the_mask(n: int, levels: int, density: float, dtype: torch.dtype, seed: int) -> None:
+    """TIES's trimmed Δ: Δ × (0/1 mask) bit for bit — kept entries unchanged, dropped ones zeros of their sign."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randint(0, 2 * levels + 1, (n,), generator=g) - levels).float().mul_(0.01 / levels).to(dtype)
+    k = max(1, int(density * n))
+    mask = sortpath._sorted_mask(w, 0, k, True, True)
+    want = w * mask.view(torch.uint8).to(dtype)
+    got = sortpath.rank_trim(w, 0, k, descending=True, magnitude=True)
+    assert got.dtype == dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # signs of zeros too
+
+
+def test_rank_trim_with_an_infinite_entry_multiplies() -> None:
+    w = torch.tensor([0.5, -0.25, float("inf"), -0.5, 0.25] * 20)
+    got = sortpath.rank_trim(w, 0, 30, descending=True, magnitude=True)
+    want = w * sortpath._sorted_mask(w, 0, 30, True, True).float()
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())

@@ -104,20 +104,24 @@ static int64_t partition(float *key, ix_t *idx, int64_t lo, int64_t hi) {
     }
 }
 
-/* Fills out[n] with the entries a std::sort of the keys puts at ranks [start, stop) (0 < stop - start < n).
- * src: n float32 (bf16 = 0) or bf16 (bf16 = 1) values; key, idx: scratch of n entries. Returns the number of tied
- * entries found (>= 0), -1 where a key is NaN (torch orders NaN first) and -2 where a part on a boundary's path
- * would reach the depth limit (heapsort there): the caller then sorts for real. */
+/* Marks the entries a std::sort of the keys puts at ranks [start, stop) (0 < stop - start < n): out[j] = 1 or 0,
+ * or, with trim, out (src's dtype) = src * that 0/1 mask as torch multiplies it (src itself, or a zero of src's
+ * sign). src: n float32 (bf16 = 0) or bf16 (bf16 = 1) values; key, idx: scratch of n entries. Returns the number
+ * of tied entries found (>= 0), -1 where a key is NaN (torch orders NaN first), -2 where a part on a boundary's
+ * path would reach the depth limit (heapsort there), -3 with trim where a key is infinite (inf * 0 is NaN, not a
+ * zero): the caller then does it the slow way. */
 int64_t sg_rank_mask(const void *src, int bf16, int64_t n, int64_t start, int64_t stop, int magnitude,
-                     int negate, float *key, ix_t *idx, uint8_t *out) {
-    uint32_t *kb = (uint32_t *)key, nan = 0;
+                     int negate, float *key, ix_t *idx, void *out, int trim) {
+    uint32_t *kb = (uint32_t *)key, nan = 0, inf = 0;
     for (int64_t j = 0; j < n; j++) {
         uint32_t b = key_bits(src, j, bf16, magnitude, negate);
         kb[j] = b;
         idx[j] = (ix_t)j;
         nan |= (b & 0x7FFFFFFFu) > 0x7F800000u;
+        inf |= (b & 0x7FFFFFFFu) == 0x7F800000u;
     }
     if (nan) return -1;
+    if (trim && inf) return -3;
     int depth = 0;
     for (int64_t m = n; m > 1; m >>= 1) depth++;
     /* parts holding a boundary strictly inside (at most two at a time), then the final parts of <= 16 */
@@ -177,11 +181,24 @@ int64_t sg_rank_mask(const void *src, int bf16, int64_t n, int64_t start, int64_
         if ((has_lo && v == lo_v) || (has_hi && v == hi_v)) idx[count++] = idx[j];
     }
     /* strictly between the boundary keys: inside whatever the order; then the ties the replay put inside */
-    for (int64_t j = 0; j < n; j++) {
-        float v = as_float(key_bits(src, j, bf16, magnitude, negate));
-        out[j] = (!has_lo || v > lo_v) && (!has_hi || v < hi_v);
+#define INSIDE(j) ((!has_lo || as_float(key_bits(src, j, bf16, magnitude, negate)) > lo_v) && \
+                   (!has_hi || as_float(key_bits(src, j, bf16, magnitude, negate)) < hi_v))
+    if (!trim) {
+        uint8_t *mask = (uint8_t *)out;
+        for (int64_t j = 0; j < n; j++) mask[j] = INSIDE(j);
+        for (int64_t t = 0; t < count; t++) mask[idx[t]] = 1;
+    } else if (bf16) { /* finite x * 1 = x, x * 0 = a zero with x's sign (the product rounds exactly) */
+        const uint16_t *x = (const uint16_t *)src;
+        uint16_t *y = (uint16_t *)out;
+        for (int64_t j = 0; j < n; j++) y[j] = INSIDE(j) ? x[j] : (uint16_t)(x[j] & 0x8000u);
+        for (int64_t t = 0; t < count; t++) y[idx[t]] = x[idx[t]];
+    } else {
+        const uint32_t *x = (const uint32_t *)src;
+        uint32_t *y = (uint32_t *)out;
+        for (int64_t j = 0; j < n; j++) y[j] = INSIDE(j) ? x[j] : (x[j] & 0x80000000u);
+        for (int64_t t = 0; t < count; t++) y[idx[t]] = x[idx[t]];
     }
-    for (int64_t t = 0; t < count; t++) out[idx[t]] = 1;
+#undef INSIDE
     return count;
 }
 

@@ -49,7 +49,7 @@ def _kernels() -> Any:
         return None
     fn = ctypes.CDLL(_sortreplay.__file__).sg_rank_mask
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i32, i64, i64, i64, i32, i32, p, p, p]
+    fn.argtypes = [p, i32, i64, i64, i64, i32, i32, p, p, p, i32]
     fn.restype = i64
     return fn
 
@@ -62,8 +62,12 @@ def _sorted_mask(w: torch.Tensor, start: int, stop: int, descending: bool, magni
     return mask
 
 
-def _replayed_mask(w: torch.Tensor, start: int, stop: int, descending: bool, magnitude: bool) -> torch.Tensor | None:
-    """The mask by replay (``w`` is left as it is); None where the replay cannot decide (NaN, the depth limit).
+def _replayed_mask(
+    w: torch.Tensor, start: int, stop: int, descending: bool, magnitude: bool, trim: bool = False
+) -> torch.Tensor | None:
+    """The mask by replay (``w`` is left as it is), or with ``trim`` ``w × mask`` in w's dtype; None where the
+    replay cannot decide (NaN, the depth limit; with ``trim`` also an infinite entry, or a dtype other than fp32 and
+    bf16).
 
     The replay arranges a copy of the keys so that positions ``[start, stop)`` hold the entries of those ranks; an
     entry whose key lies strictly between their lowest and highest key is inside the range whatever the order, so
@@ -72,16 +76,17 @@ def _replayed_mask(w: torch.Tensor, start: int, stop: int, descending: bool, mag
     negated keys: negation is exact and keeps ties); bf16 is read as its bits, other dtypes cast to fp32 first
     (exact, as mergekit's ``.float()``)."""
     n = w.numel()
-    if n >= 1 << 31:
-        return None  # int32 positions
-    src = w if w.dtype in (torch.float32, torch.bfloat16) else w.float()
+    native = w.dtype in (torch.float32, torch.bfloat16)
+    if n >= 1 << 31 or trim and not native:
+        return None  # int32 positions; the trim writes fp32 or bf16 only
+    src = w if native else w.float()
     key, idx = _scratch(n)
-    out = np.empty(n, dtype=np.bool_)
+    out = torch.empty(n, dtype=w.dtype) if trim else torch.from_numpy(np.empty(n, dtype=np.bool_))
     count = _STATE["kernels"](
         src.data_ptr(), src.dtype == torch.bfloat16, n, start, stop, magnitude, descending,
-        key.ctypes.data, idx.ctypes.data, out.ctypes.data,
+        key.ctypes.data, idx.ctypes.data, out.data_ptr(), trim,
     )  # fmt: skip
-    return torch.from_numpy(out) if count >= 0 else None
+    return out if count >= 0 else None
 
 
 def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,3 +146,16 @@ def rank_mask(w: torch.Tensor, start: int, stop: int, *, descending: bool, magni
         if got is not None:
             return got
     return _sorted_mask(w, start, stop, descending, magnitude)
+
+
+def rank_trim(w: torch.Tensor, start: int, stop: int, *, descending: bool, magnitude: bool = False) -> torch.Tensor:
+    """``w × m`` in w's dtype, m = ``rank_mask(w, start, stop, ...)`` as 0/1 — bit for bit what that product gives
+    (kept entries as they are, the others zeros of their own sign), in one pass of the replay where it runs."""
+    n = w.numel()
+    lo, hi = max(0, min(start, n)), max(0, min(stop, n))
+    if w.dim() == 1 and w.is_contiguous() and 0 < hi - lo < n and n >= REPLAY_MIN and replay_available():
+        got = _replayed_mask(w, lo, hi, descending, magnitude, trim=True)
+        if got is not None:
+            return got
+    mask = rank_mask(w, start, stop, descending=descending, magnitude=magnitude)
+    return w * mask.view(torch.uint8).to(w.dtype)

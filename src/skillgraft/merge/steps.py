@@ -113,20 +113,22 @@ def exact_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def exact_trim_plan(delta: torch.Tensor, density: float) -> tuple[float, int, list[int]] | torch.Tensor:
     """mergekit's exactly-k trim of one Δ (``argsort`` order, ties included): a ``position_trim`` plan where the
-    k-th largest |Δ| is 0 (the tied entries are zeros: kept or dropped, the same numbers), else the keep mask.
+    k-th largest |Δ| is 0 (the tied entries are zeros: kept or dropped, the same numbers), else the trimmed flat Δ
+    itself (Δ × the keep mask as 0/1, bit for bit: ``sortpath.rank_trim``).
 
-    The mask is right in every case; the plan is the cheaper answer for sparse deltas. A strided sample that holds
-    clearly more nonzeros than the density keeps skips looking for the k-th magnitude (dense deltas)."""
+    The trimmed Δ is right in every case; the plan is the cheaper answer for sparse deltas. A strided sample that
+    holds clearly more nonzeros than the density keeps skips looking for the k-th magnitude (dense deltas)."""
     k = keep_count(density, delta.numel())
     flat = delta.reshape(-1)
+    trimmed = lambda: sortpath.rank_trim(flat, 0, k, descending=True, magnitude=True)  # noqa: E731
     if flat.numel() > 1 << 18:
         sample = flat[:: flat.numel() // (1 << 16)]
         if int(torch.count_nonzero(sample)) > 1.25 * sample.numel() * k / flat.numel() + 64:
-            return exact_keep_mask(delta, density)
+            return trimmed()
     t = kth_largest_abs(delta, k) if k else float("inf")
     if t == 0:
         return position_trim_plan(delta, density, t)
-    return exact_keep_mask(delta, density)
+    return trimmed()
 
 
 def position_trim_plan(delta: torch.Tensor, density: float, t: float | None = None) -> tuple[float, int, list[int]]:

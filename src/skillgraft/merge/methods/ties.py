@@ -55,7 +55,8 @@ def prepare_trim(
     """Per-tensor part of the trim, on flat ``[n, numel]`` deltas: ``("threshold", [tᵢ])`` keeps |Δᵢ| ≥ tᵢ —
     the k-th largest magnitude per tensor (paper) or the engine's whole-model ``job.thresholds`` (global);
     ``("exact", [eᵢ])`` keeps exactly k entries per input (mergekit): eᵢ is either a ``steps.position_trim``
-    plan (ties at the k-th magnitude taken in index order) or the bool mask of the entries ``argsort`` picks;
+    plan (ties at the k-th magnitude taken in index order) or the flat Δᵢ already trimmed to the entries
+    ``argsort`` picks;
     None keeps everything.
 
     With ``tie_break: argsort`` the tie order is looked at only where it can matter: when the k-th largest |Δᵢ|
@@ -73,7 +74,7 @@ def prepare_trim(
         if tie_break == "position":
             return ("exact", job.each(lambda d: steps.position_trim_plan(d, density), rows))
         plan = lambda d: steps.exact_trim_plan(d, density)  # noqa: E731
-        # A replay holds ~14 bytes per entry: side by side only while that stays small (peak memory over speed).
+        # A replay holds ~9 bytes per entry: side by side only while that stays small (peak memory over speed).
         return ("exact", job.each(plan, rows) if job.deltas[0].numel() <= 1 << 25 else [plan(d) for d in rows])
     return ("threshold", _column(job.each(lambda d: steps.magnitude_threshold(d, density), rows)))
 
@@ -91,9 +92,7 @@ def apply_trim(job: TensorJob, ctx: Any, sl: slice) -> torch.Tensor:
     if kind == "exact":
         return torch.stack(
             [
-                job.deltas[i] * steps.as01(e[sl], job.deltas.dtype)
-                if isinstance(e, torch.Tensor)
-                else steps.position_trim(job.deltas[i], e, sl)
+                e[sl] if isinstance(e, torch.Tensor) else steps.position_trim(job.deltas[i], e, sl)
                 for i, e in enumerate(per_input)
             ]
         )
