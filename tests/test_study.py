@@ -86,9 +86,16 @@ def test_route_study_routes_mixed_prompts_and_transfer(quick_bench):
     from skillgraft.eval.report import render_html
     from skillgraft.study.route import RouteStudySpec, run_route_study
 
-    spec = RouteStudySpec(cache=quick_bench.root.parent, limit=20, routers=("arrow", "classifier"), arrow_token=False)
+    spec = RouteStudySpec(
+        cache=quick_bench.root.parent,
+        limit=20,
+        routers=("arrow", "classifier"),
+        arrow_token=False,
+        alpha_grid=(1.0, 2.0),
+    )
     res = run_route_study(spec)
     route, skills = res["route"], res["skills"]
+    assert [r["router"] for r in route["routing"]] == ["arrow", "classifier", "arrow-uncentred"]
     assert route["settings"]["mixed_prompts"] == 20 * len(skills)
     for r in route["routing"]:
         right = sum(r["confusion"][s][s] for s in skills)
@@ -102,6 +109,11 @@ def test_route_study_routes_mixed_prompts_and_transfer(quick_bench):
     assert routed >= 0.7 and routed > rows["merge:task_arithmetic (λ 1)"]["mean_normalized"] + 0.3
     gap = {r["method"]: r["gap_closed"] for r in res["transfer"]}
     assert gap["proxy+route:oracle"] > gap["proxy"] + 0.3 and gap["proxy+route:classifier"] > gap["proxy"]
+    for a in res["transfer_alpha"].values():  # each expert's α: the best on its val rows, ties to the smaller
+        em = {float(k): v for k, v in a["val_em"].items()}
+        assert set(em) == {1.0, 2.0} and em[a["chosen"]] == max(em.values())
+        assert a["chosen"] == 1.0 or em[2.0] > em[1.0]
+    assert {"proxy(α val)+route:oracle", "proxy(α val)+route:classifier"} <= set(gap)
     assert "Routing" in render_html(res)
 
 

@@ -14,7 +14,16 @@ from conftest import build, llama_config, save
 from skillgraft.bench.tokenizer import make_tokenizer
 from skillgraft.errors import FormatError, InputError
 from skillgraft.eval.generate import encode_prompt
-from skillgraft.route.routers import arrow_scores, build_router, load_router, read_router, save_router
+from skillgraft.route.routers import (
+    CENTRE,
+    Router,
+    arrow_centres,
+    arrow_scores,
+    build_router,
+    load_router,
+    read_router,
+    save_router,
+)
 from skillgraft.route.runtime import SkillRuntime
 from skillgraft.skill.peft import import_lora
 
@@ -66,11 +75,15 @@ def _shas(rt, keys):
     return {k: rt.skills[k].sha256 for k in keys}
 
 
-def test_arrow_scores_equal_a_hand_computation(setup):
+@pytest.mark.parametrize("centred", [False, True])
+def test_arrow_scores_equal_a_hand_computation(setup, centred):
     _, rt, base, merged = setup
     prompts = ["abc>", "hijk lm>", "q>"]
     keys = ["a@1", "b@1", "c@1"]
-    got = arrow_scores(rt, keys, prompts, batch_size=2)  # two batches, left-padded
+    g = torch.Generator().manual_seed(7)
+    sizes = {n: m.in_features for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    centres = {n: torch.randn(k, generator=g) for n, k in sizes.items()} if centred else None
+    got = arrow_scores(rt, keys, prompts, batch_size=2, centres=centres)  # two batches, left-padded
     modules = dict(base.named_modules())
     base_w = {n: m.weight.detach() for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
     for j, prompt in enumerate(prompts):
@@ -93,7 +106,7 @@ def test_arrow_scores_equal_a_hand_computation(setup):
                 if delta.abs().max() == 0:
                     continue  # not a module of this LoRA
                 v = torch.linalg.svd(delta.double())[2][0].float()  # top right-singular vector, input space
-                x = inputs[n]
+                x = inputs[n] - (centres[n] if centred else 0.0)
                 per_module.append(((x @ v).abs() / x.norm(dim=-1)).mean())
             assert len(per_module) == 2 * len(TARGETS[name]["target_modules"])  # two layers
             want = torch.stack(per_module).mean()
@@ -162,3 +175,40 @@ def test_damaged_router_file_is_a_format_error(setup, tmp_path):
     path.write_text("{not json")
     with pytest.raises(FormatError):
         load_router(lib, rt, "arrow")
+
+
+def test_arrow_centres_are_seeded_means_of_module_inputs_and_leave_the_rng_alone(setup):
+    _, rt, base, _ = setup
+    modules = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    c1 = arrow_centres(rt, modules)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    c2 = arrow_centres(rt, modules)
+    other = arrow_centres(rt, modules, seed=1)
+    for m in modules:
+        assert c1[m].shape == (dict(base.named_modules())[m].in_features,)
+        assert torch.equal(c1[m], c2[m]) and not torch.equal(c1[m], other[m])
+        assert torch.isfinite(c1[m]).all() and c1[m].abs().sum() > 0
+
+
+def test_arrow_router_holds_centres_and_routes_with_them(setup):
+    _, rt, _, _ = setup
+    keys = ["a@1", "b@1", "c@1"]
+    router = build_router("arrow", rt, _shas(rt, keys))
+    centres = {k[len(CENTRE) :]: v for k, v in router.state.items() if k.startswith(CENTRE)}
+    assert set(centres) == {n for k in keys for n in rt.skills[k].factors}  # every module any skill touches
+    prompts = ["abc>", "hijk lm>"]
+    assert torch.equal(router.scores(rt, prompts), arrow_scores(rt, keys, prompts, 16, centres))
+    plain = Router("arrow", keys, router.skills, {})  # no centres: the published, uncentred scores
+    assert torch.equal(plain.scores(rt, prompts), arrow_scores(rt, keys, prompts, 16))
+    assert not torch.equal(plain.scores(rt, prompts), router.scores(rt, prompts))
+
+
+def test_a_saved_arrow_router_without_centres_is_rebuilt(setup, tmp_path):
+    _, rt, _, _ = setup
+    keys = ["a@1", "b@1", "c@1"]
+    save_router(Router("arrow", keys, _shas(rt, keys), {}), tmp_path)  # as saved before centring existed
+    router = load_router(tmp_path, rt, "arrow")
+    assert any(k.startswith(CENTRE) for k in router.state)
+    assert any(k.startswith(CENTRE) for k in read_router(tmp_path, "arrow").state)  # and saved again

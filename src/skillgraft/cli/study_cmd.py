@@ -190,6 +190,12 @@ def route_study(
     transfer: bool = typer.Option(
         True, "--transfer/--no-transfer", help="Also routed multi-skill logit transfer (profiles with a large base)."
     ),
+    alpha: list[float] = typer.Option(
+        [],
+        "--alpha",
+        help="Transfer: α values each expert's α is chosen from on its skill's val rows (repeatable; "
+        "default 1, 1.5, 2, 3; --alpha 1 alone keeps α = 1).",
+    ),
     reference: list[Path] = typer.Option(
         [], "--reference", help="A study merge / compose results JSON: its best LoRA merges go beside (repeatable)."
     ),
@@ -213,6 +219,7 @@ def route_study(
         centroid_examples=centroid_examples,
         classifier_examples=classifier_examples,
         transfer=transfer,
+        alpha_grid=tuple(alpha) or RouteStudySpec.alpha_grid,
         references=tuple(reference),
         command=_command_line(),
     )

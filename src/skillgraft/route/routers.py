@@ -8,8 +8,13 @@ so a router's choice never depends on which skills are loaded.
 
 * ``arrow`` — Ostapenko et al. 2024 ("Towards Modular LLMs by Building and Reusing a Library of LoRAs"): each LoRA
   module's prototype vᵢ is the top right-singular vector of ΔWᵢ (``ModuleFactors.prototype``). Per prompt, skill i
-  scores the mean over its modules and the prompt's tokens of |⟨vᵢ, x⟩| / ‖x‖ (x: the module's input on the base);
-  the top score wins. No labels. Per token (the paper's own routing) is ``SkillRuntime``'s ``ARROW_MIX``.
+  scores the mean over its modules and the prompt's tokens of |⟨vᵢ, x − μ⟩| / ‖x − μ‖ (x: the module's input on the
+  base); the top score wins. No labels and no data: μ, the module's mean input, is estimated on text the base
+  samples itself (``arrow_centres``: ``CALIBRATION`` sequences from BOS, seeded). Centring is our change to the
+  paper, which scores |⟨vᵢ, x⟩| / ‖x‖: module inputs share a large common component, and a skill whose top
+  direction leans on it wins every prompt (measured in docs/benchmarks.md). A router without centres in its state
+  (``Router("arrow", …, state={})``) scores as published. Per token (the paper's own routing, uncentred) is
+  ``SkillRuntime``'s ``ARROW_MIX``.
 * ``centroid`` — the nearest per-skill mean feature (cosine) of a few example prompts per skill.
 * ``classifier`` — multinomial logistic regression (L2, full-batch L-BFGS) on the same features.
 """
@@ -34,6 +39,8 @@ from skillgraft.route.runtime import Mix, SkillRuntime
 METHODS = ("arrow", "centroid", "classifier")
 FORMAT = "skillgraft-router/1"
 L2 = 1e-3  # classifier weight decay (on unit-length features)
+CALIBRATION = (32, 48)  # Arrow's centres: sequences the base samples, and tokens each (capped by its context)
+CENTRE = "centre:"  # state key prefix of Arrow's per-module mean inputs
 
 
 @dataclass
@@ -53,7 +60,8 @@ class Router:
         if not self.keys:
             raise InputError("the router has no skills to choose among", hint="add skills, then rebuild it")
         if self.method == "arrow":
-            return arrow_scores(runtime, self.keys, prompts, batch_size)
+            centres = {k[len(CENTRE) :]: v for k, v in self.state.items() if k.startswith(CENTRE)}
+            return arrow_scores(runtime, self.keys, prompts, batch_size, centres or None)
         f = (features(runtime, prompts, batch_size) - self.state["mean"]).float()
         f = torch.nn.functional.normalize(f, dim=-1)
         if self.method == "centroid":
@@ -108,8 +116,61 @@ def features(runtime: SkillRuntime, prompts: Sequence[str], batch_size: int = 16
 
 
 @torch.no_grad()
-def arrow_scores(runtime: SkillRuntime, keys: Sequence[str], prompts: Sequence[str], batch_size: int) -> torch.Tensor:
-    """Arrow per prompt: mean |⟨vᵢ, x⟩| / ‖x‖ over skill i's modules and the prompt's tokens, on the base."""
+def arrow_centres(runtime: SkillRuntime, modules: Sequence[str], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Each module's mean input on the base (no skill applied), over ``CALIBRATION`` sequences the base samples
+    from BOS at temperature 1 (seeded; the global RNG is left as it was) — no labels, no data."""
+    model, tok = runtime.model, runtime.tok
+    n, length = CALIBRATION
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    length = min(length, limit - 1) if limit else length
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if start is None:
+        raise InputError("Arrow's centres need the tokenizer's BOS or EOS token to start sampling from")
+    device = next(model.parameters()).device
+    ids = torch.full((n, 1), int(start), dtype=torch.long, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        seqs = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            min_new_tokens=length,
+            max_new_tokens=length,
+            pad_token_id=int(start),
+        )
+    sums: dict[str, list] = {m: [0.0, 0] for m in modules}
+    named = dict(model.named_modules())
+
+    def hook(name: str) -> Any:
+        def fn(module: Any, args: tuple, output: Any) -> None:
+            x = args[0].float()
+            sums[name][0] = sums[name][0] + x.sum((0, 1))
+            sums[name][1] += x.shape[0] * x.shape[1]
+
+        return fn
+
+    handles = [named[m].register_forward_hook(hook(m)) for m in modules]
+    try:
+        model(input_ids=seqs, attention_mask=torch.ones_like(seqs), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {m: (s / c).cpu() for m, (s, c) in sums.items()}
+
+
+@torch.no_grad()
+def arrow_scores(
+    runtime: SkillRuntime,
+    keys: Sequence[str],
+    prompts: Sequence[str],
+    batch_size: int,
+    centres: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Arrow per prompt: mean |⟨vᵢ, x − μ⟩| / ‖x − μ‖ over skill i's modules and the prompt's tokens, on the
+    base (μ: ``centres[module]``; without ``centres``, μ = 0 as published)."""
     protos: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for i, k in enumerate(keys):
         factors = runtime.skills[k].factors
@@ -127,9 +188,12 @@ def arrow_scores(runtime: SkillRuntime, keys: Sequence[str], prompts: Sequence[s
     def hook(name: str) -> Any:
         idx = torch.tensor([i for i, _ in protos[name]])
         v = torch.stack([p for _, p in protos[name]])  # [n_here, in]
+        mu = centres[name] if centres is not None else None
 
         def fn(module: Any, args: tuple, output: Any) -> None:
             x, mask = args[0].float(), cur["mask"]
+            if mu is not None:
+                x = x - mu.to(x.device)
             s = (x @ v.T).abs() / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [B, T, n_here]
             cur["acc"][:, idx] += (s * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
 
@@ -170,7 +234,9 @@ def build_router(
         for k in keys:
             if k not in runtime.skills or not runtime.skills[k].lora:
                 raise InputError(f"Arrow routes among LoRA-form skills; {k!r} is not one", hint="use centroid")
-        return Router(method, keys, dict(skills), {}, base=base)
+        modules = sorted({n for k in keys for n in runtime.skills[k].factors or {}})
+        state = {CENTRE + m: c for m, c in arrow_centres(runtime, modules).items()}
+        return Router(method, keys, dict(skills), state, base=base)
     names = name_of or {k: k.split("@")[0] for k in keys}
     examples = examples or {}
     missing = [k for k in keys if not examples.get(names[k])]
@@ -279,7 +345,8 @@ def load_router(
     if skills is None:
         skills = {k: s.sha256 for k, s in runtime.skills.items() if method != "arrow" or s.lora}
     saved = read_router(library_root, method)
-    if saved is not None and saved.skills == skills and saved.base == base and not examples:
+    current = saved is not None and (method != "arrow" or any(k.startswith(CENTRE) for k in saved.state))
+    if current and saved.skills == skills and saved.base == base and not examples:  # (older Arrows: no centres)
         return saved
     merged = {**(saved.examples if saved else {}), **(examples or {})}
     router = build_router(method, runtime, skills, merged, base=base)

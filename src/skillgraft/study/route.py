@@ -5,9 +5,9 @@ over the base. The test set is *mixed*: the first ``limit`` test rows of every s
 with its own skill's format (no skill label is given to the model). Measured, all by the evaluation harness
 (greedy exact match):
 
-* **routing accuracy** of each router: Arrow (no labels), centroid (``centroid_examples`` labelled training
-  prompts per skill) and classifier (``classifier_examples`` per skill) — the fraction of mixed prompts sent to
-  their own skill, per skill, and the confusion counts;
+* **routing accuracy** of each router: Arrow (no labels; centred, and ``arrow-uncentred`` as published),
+  centroid (``centroid_examples`` labelled training prompts per skill) and classifier (``classifier_examples``
+  per skill) — the fraction of mixed prompts sent to their own skill, per skill, and the confusion counts;
 * **end to end**, per skill and normalized by each expert's own accuracy on its skill: the base alone, each
   expert on its own prompts (the oracle router: ≡ 100% normalized), every router, Arrow per token
   (``arrow-token``), and the two training-free merges the runtime computes exactly in one slot — all skills at
@@ -15,7 +15,9 @@ with its own skill's format (no skill label is given to the model). Measured, al
 * on profiles with a larger base (the tiny ``full`` profile), **multi-skill logit transfer** on the mixed
   prompts: the small full-fine-tuned experts steering the large base all at once, with the prompt gate, with
   each router (centroid/classifier on the large base's hidden states), and with the oracle choice; gap closed
-  against the large base fine-tuned directly on each skill.
+  against the large base fine-tuned directly on each skill. First at α = 1; then with each expert's α chosen
+  from ``alpha_grid`` by exact match on the first ``limit`` rows of its own skill's *val* split (ties: the
+  smaller α; the test rows are never seen by the choice).
 
 The best fixed merge and the best learned merge of the same experts are measured by ``study merge`` and
 ``benchmarks/compose_real.py`` (minutes per merge on the real profile); pass their results files to put them
@@ -51,6 +53,7 @@ class RouteStudySpec:
     classifier_examples: int = 64
     batch_size: int = 32
     transfer: bool = True
+    alpha_grid: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)  # transfer: each expert's α picked on val; () skips
     references: tuple[Path, ...] = ()  # study merge / compose results JSON to compare with
     command: str = ""
 
@@ -109,6 +112,13 @@ def run_route_study(spec: RouteStudySpec, progress: ProgressFn = no_progress) ->
             t0 = time.perf_counter()
             chosen = routers[method].choose(rt, [p for _, p in prompts], spec.batch_size)
             routing.append(_routing_row(method, n, skills, prompts, chosen, built, time.perf_counter() - t0))
+        if "arrow" in routers:  # the paper's own scores, without our centring (routers.py), for comparison
+            from skillgraft.route.routers import Router
+
+            routers["arrow-uncentred"] = Router("arrow", sorted(shas), shas, {})
+            t0 = time.perf_counter()
+            chosen = routers["arrow-uncentred"].choose(rt, [p for _, p in prompts], spec.batch_size)
+            routing.append(_routing_row("arrow-uncentred", 0, skills, prompts, chosen, 0.0, time.perf_counter() - t0))
         rows: list[dict[str, Any]] = []
 
         def run(name: str, kind: str, router: Any, route: str = "fixed", only: Sequence[str] = ()) -> dict[str, Any]:
@@ -140,7 +150,7 @@ def run_route_study(spec: RouteStudySpec, progress: ProgressFn = no_progress) ->
         )
         run("base", "base", _Fixed(()))
         for method, router in routers.items():
-            run(f"routed:{method}", "router", router, method)
+            run(f"routed:{method}", "router", router, "arrow" if method == "arrow-uncentred" else method)
         if spec.arrow_token:
             run("routed:arrow-token", "router", None, "arrow-token")
         run("merge:linear (1/n)", "merge", _Fixed(tuple((s, 1.0 / len(skills)) for s in skills)))
@@ -161,7 +171,8 @@ def run_route_study(spec: RouteStudySpec, progress: ProgressFn = no_progress) ->
             "expert_em": own,
         }
     if spec.transfer and "base-large" in manifest.models:
-        res["transfer"] = _transfer(spec, manifest, skills, progress)
+        res["transfer_alpha"] = {}
+        res["transfer"] = _transfer(spec, manifest, skills, progress, res["transfer_alpha"])
     progress("route study", 1, 1)
     return res
 
@@ -226,8 +237,11 @@ def _ref_row(name: str, r: dict[str, Any], path: str) -> dict[str, Any]:
     }
 
 
-def _transfer(spec: RouteStudySpec, manifest: Any, skills: list[str], progress: ProgressFn) -> list[dict[str, Any]]:
-    """Multi-skill logit transfer on the mixed prompts: all experts, the prompt gate, each router, the oracle."""
+def _transfer(
+    spec: RouteStudySpec, manifest: Any, skills: list[str], progress: ProgressFn, alphas: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Multi-skill logit transfer on the mixed prompts: all experts, the prompt gate, each router, the oracle —
+    at α = 1, then (``alpha_grid``) with each expert's α chosen on its skill's val rows, recorded in ``alphas``."""
     import torch
 
     from skillgraft.route.routers import build_router
@@ -265,13 +279,32 @@ def _transfer(spec: RouteStudySpec, manifest: Any, skills: list[str], progress: 
     def oracle(prompts: Sequence[str]) -> torch.Tensor:
         return torch.nn.functional.one_hot(torch.tensor([label[p] for p in prompts]), len(full)).float()
 
+    routed: dict[str, Any] = {}
     for method in [r for r in spec.routers if r != "arrow"]:  # Arrow needs LoRA experts; these are full
         n = spec.centroid_examples if method == "centroid" else spec.classifier_examples
         router = build_router(method, rt, dict.fromkeys(full, ""), {s: _train_prompts(manifest, s, n) for s in full})
-        fused = FusedModel(large, tok, pairs, "proxy", router=router.gate(rt, full))
+        routed[method] = router.gate(rt, full)
+        fused = FusedModel(large, tok, pairs, "proxy", router=routed[method])
         sc[f"proxy+route:{method}"], _, _ = _score_fused(fused, rows, spec.batch_size)
+    routed["oracle"] = oracle
     sc["proxy+route:oracle"], _, _ = _score_fused(
         FusedModel(large, tok, pairs, "proxy", router=oracle), rows, spec.batch_size
     )
+    if spec.alpha_grid:  # each expert's α chosen on its own skill's val rows (test rows untouched), then routed
+        tuned = []
+        for s, pair in zip(full, pairs):
+            val = _rows(manifest.data_path(s, "val"), per)
+            em = {
+                a: _score_fused(
+                    FusedModel(large, tok, [dataclasses.replace(pair, alpha=a)], "proxy"), val, spec.batch_size
+                )[0]["em"]
+                for a in spec.alpha_grid
+            }
+            best = max(spec.alpha_grid, key=lambda a: (em[a], -a))  # ties: the smaller α
+            tuned.append(dataclasses.replace(pair, alpha=best))
+            alphas[s] = {"chosen": best, "val_em": {str(a): v for a, v in em.items()}}
+        for method, router in routed.items():
+            fused = FusedModel(large, tok, tuned, "proxy", router=router)
+            sc[f"proxy(α val)+route:{method}"], _, _ = _score_fused(fused, rows, spec.batch_size)
     progress("route study: transfer", 1, 1)
     return _gap_rows("+".join(full), sc)
