@@ -117,6 +117,16 @@ def test_route_study_routes_mixed_prompts_and_transfer(quick_bench):
     assert "Routing" in render_html(res)
 
 
+@pytest.mark.parametrize("alpha", [0.0, -1.0, float("nan"), float("inf")])
+def test_route_study_refuses_a_non_positive_alpha_before_any_work(tmp_path, alpha):
+    from skillgraft.errors import InputError
+    from skillgraft.study.route import RouteStudySpec, run_route_study
+
+    with pytest.raises(InputError, match="not a positive number"):
+        run_route_study(RouteStudySpec(cache=tmp_path / "cache", alpha_grid=(1.0, alpha)))
+    assert not (tmp_path / "cache").exists()  # nothing was built
+
+
 def test_demo_end_to_end(quick_bench, tmp_path):
     from skillgraft.demo import run_demo
 

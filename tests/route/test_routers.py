@@ -16,10 +16,12 @@ from skillgraft.errors import FormatError, InputError
 from skillgraft.eval.generate import encode_prompt
 from skillgraft.route.routers import (
     CENTRE,
+    MAX_POOL,
     Router,
     arrow_centres,
     arrow_scores,
     build_router,
+    features,
     load_router,
     read_router,
     save_router,
@@ -212,3 +214,35 @@ def test_a_saved_arrow_router_without_centres_is_rebuilt(setup, tmp_path):
     router = load_router(tmp_path, rt, "arrow")
     assert any(k.startswith(CENTRE) for k in router.state)
     assert any(k.startswith(CENTRE) for k in read_router(tmp_path, "arrow").state)  # and saved again
+
+
+def test_features_pool_the_last_hidden_state_over_the_prompt_tokens_only(setup):
+    _, rt, base, _ = setup
+    prompts = ["[rev] abc>", "[sort] abcdefgh hg>"]  # different lengths: the short one is left-padded
+    got = {pool: features(rt, prompts, pool=pool) for pool in ("max", "mean")}
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([encode_prompt(rt.tok, p)])
+        with torch.no_grad():
+            h = base(input_ids=ids, output_hidden_states=True).hidden_states[-1][0].float()
+        torch.testing.assert_close(got["max"][i], h.amax(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["mean"][i], h.mean(0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="pool"):
+        features(rt, prompts, pool="sum")
+
+
+@pytest.mark.parametrize("method", ["centroid", "classifier"])
+def test_a_saved_mean_feature_router_scores_as_built_and_is_rebuilt(setup, tmp_path, method):
+    _, rt, _, _ = setup
+    keys = ["a@1", "b@1", "c@1"]
+    train = {k: _prompts(v, 6, seed=i) for i, (k, v) in enumerate(LETTERS.items())}
+    new = build_router(method, rt, _shas(rt, keys), train)
+    assert MAX_POOL in new.state
+    old = Router(method, keys, new.skills, {k: v for k, v in new.state.items() if k != MAX_POOL}, new.examples)
+    prompts = ["[rev] abc>", "[rot] hgf>"]
+    f = torch.nn.functional.normalize(features(rt, prompts, pool="mean") - old.state["mean"], dim=-1)
+    want = f @ old.state["centroids"].T if method == "centroid" else f @ old.state["weight"].T + old.state["bias"]
+    torch.testing.assert_close(old.scores(rt, prompts), want)  # as it was built: mean features
+    save_router(old, tmp_path)  # as saved before max pooling
+    rebuilt = load_router(tmp_path, rt, method, skills=_shas(rt, keys))
+    assert MAX_POOL in rebuilt.state and MAX_POOL in read_router(tmp_path, method).state
+    torch.testing.assert_close(rebuilt.scores(rt, prompts), new.scores(rt, prompts))

@@ -2,8 +2,12 @@
 base's hidden states on labelled example prompts). Each is built once, saved beside the library, and rebuilt
 when the skills it routes among change.
 
-Features (centroid, classifier): the base's last hidden state (after its final norm), averaged over the prompt's
-tokens, centred on the mean of all example features and scaled to unit length. The base runs without any skill,
+Features (centroid, classifier): the base's last hidden state (after its final norm), max-pooled over the
+prompt's tokens (each dimension's largest value), centred on the mean of all example features and scaled to unit
+length. Max rather than mean pooling was chosen on val prompts: a short skill tag ("[sort] …") is a few tokens of
+the prompt, and a mean washes it out (tiny ``full`` profile's large base: classifier 88 % mean, 99 % max; real-quick
+100 % both; docs/benchmarks.md, session 29). Routers saved with mean features (no ``MAX_POOL`` in their state)
+still score as built and are rebuilt by ``load_router``. The base runs without any skill,
 so a router's choice never depends on which skills are loaded.
 
 * ``arrow`` — Ostapenko et al. 2024 ("Towards Modular LLMs by Building and Reusing a Library of LoRAs"): each LoRA
@@ -41,6 +45,7 @@ FORMAT = "skillgraft-router/1"
 L2 = 1e-3  # classifier weight decay (on unit-length features)
 CALIBRATION = (32, 48)  # Arrow's centres: sequences the base samples, and tokens each (capped by its context)
 CENTRE = "centre:"  # state key prefix of Arrow's per-module mean inputs
+MAX_POOL = "pool:max"  # state marker: centroid/classifier features are max-pooled (older routers: mean)
 
 
 @dataclass
@@ -62,7 +67,8 @@ class Router:
         if self.method == "arrow":
             centres = {k[len(CENTRE) :]: v for k, v in self.state.items() if k.startswith(CENTRE)}
             return arrow_scores(runtime, self.keys, prompts, batch_size, centres or None)
-        f = (features(runtime, prompts, batch_size) - self.state["mean"]).float()
+        pool = "max" if MAX_POOL in self.state else "mean"
+        f = (features(runtime, prompts, batch_size, pool) - self.state["mean"]).float()
         f = torch.nn.functional.normalize(f, dim=-1)
         if self.method == "centroid":
             return f @ self.state["centroids"].T
@@ -105,13 +111,16 @@ def _batches(runtime: SkillRuntime, prompts: Sequence[str], batch_size: int) -> 
 
 
 @torch.no_grad()
-def features(runtime: SkillRuntime, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-    """[len(prompts), hidden]: the base's last hidden state averaged over each prompt's tokens."""
+def features(runtime: SkillRuntime, prompts: Sequence[str], batch_size: int = 16, pool: str = "max") -> torch.Tensor:
+    """[len(prompts), hidden]: the base's last hidden state pooled over each prompt's tokens (padding left out):
+    ``max`` (each dimension's largest value) or ``mean``."""
+    if pool not in ("max", "mean"):
+        raise ValueError(f"pool must be 'max' or 'mean', not {pool!r}")
     out = []
     for _, batch in _batches(runtime, prompts, batch_size):
         h = runtime.model(**batch, output_hidden_states=True, use_cache=False).hidden_states[-1].float()
-        m = batch["attention_mask"][..., None].float()
-        out.append((h * m).sum(1) / m.sum(1))
+        m = batch["attention_mask"][..., None].bool()
+        out.append(h.masked_fill(~m, float("-inf")).amax(1) if pool == "max" else (h * m).sum(1) / m.sum(1))
     return torch.cat(out)
 
 
@@ -256,6 +265,7 @@ def build_router(
         x = torch.cat(unit)
         y = torch.cat([torch.full((len(u),), i) for i, u in enumerate(unit)])
         state = {"mean": mean, **_logistic(x, y, len(keys))}
+    state[MAX_POOL] = torch.ones(())
     return Router(method, keys, dict(skills), state, kept, base)
 
 
@@ -345,8 +355,9 @@ def load_router(
     if skills is None:
         skills = {k: s.sha256 for k, s in runtime.skills.items() if method != "arrow" or s.lora}
     saved = read_router(library_root, method)
-    current = saved is not None and (method != "arrow" or any(k.startswith(CENTRE) for k in saved.state))
-    if current and saved.skills == skills and saved.base == base and not examples:  # (older Arrows: no centres)
+    marker = (lambda k: k.startswith(CENTRE)) if method == "arrow" else (lambda k: k == MAX_POOL)
+    current = saved is not None and any(marker(k) for k in saved.state)  # older: Arrow uncentred, mean features
+    if current and saved.skills == skills and saved.base == base and not examples:
         return saved
     merged = {**(saved.examples if saved else {}), **(examples or {})}
     router = build_router(method, runtime, skills, merged, base=base)

@@ -53,7 +53,7 @@ class RouteStudySpec:
     classifier_examples: int = 64
     batch_size: int = 32
     transfer: bool = True
-    alpha_grid: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)  # transfer: each expert's α picked on val; () skips
+    alpha_grid: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)  # transfer: each expert's α picked on val; () or (1,) skips
     references: tuple[Path, ...] = ()  # study merge / compose results JSON to compare with
     command: str = ""
 
@@ -78,13 +78,16 @@ def run_route_study(spec: RouteStudySpec, progress: ProgressFn = no_progress) ->
     from skillgraft.bench.build import build
     from skillgraft.errors import InputError
     from skillgraft.eval.tasks import read_jsonl, task_from_examples
-    from skillgraft.route.routers import build_router
+    from skillgraft.route.routers import Router, build_router
     from skillgraft.route.runtime import SkillRuntime
     from skillgraft.skill.peft import import_lora
 
     for r in spec.routers:
         if r not in ROUTERS:
             raise InputError(f"unknown router {r!r}", hint=f"use any of {', '.join(ROUTERS)}")
+    bad = [a for a in spec.alpha_grid if not (0 < a < float("inf"))]
+    if bad:
+        raise InputError(f"--alpha {bad[0]} is not a positive number", hint="pass α values > 0, e.g. --alpha 1.5")
     refs = [_reference(p) for p in spec.references]  # bad files fail before any work
     manifest = build(spec.profile, spec.cache, progress)
     skills = [s for s in check_skills(manifest, spec.skills) if f"experts/{s}-lora" in manifest.models]
@@ -103,22 +106,19 @@ def run_route_study(spec: RouteStudySpec, progress: ProgressFn = no_progress) ->
             rt.load(out, key=s)
         shas = {s: rt.skills[s].sha256 for s in skills}
         routers, routing = {}, []
-        for method in spec.routers:
+        uncentred = ("arrow-uncentred",) if "arrow" in spec.routers else ()  # the paper's own Arrow scores
+        for method in (*spec.routers, *uncentred):
             n = {"centroid": spec.centroid_examples, "classifier": spec.classifier_examples}.get(method, 0)
             examples = {s: _train_prompts(manifest, s, n) for s in skills} if n else None
             t0 = time.perf_counter()
-            routers[method] = build_router(method, rt, shas, examples)
+            if method == "arrow-uncentred":  # without our centring (routers.py), for comparison
+                routers[method] = Router("arrow", sorted(shas), shas, {})
+            else:
+                routers[method] = build_router(method, rt, shas, examples)
             built = time.perf_counter() - t0
             t0 = time.perf_counter()
             chosen = routers[method].choose(rt, [p for _, p in prompts], spec.batch_size)
             routing.append(_routing_row(method, n, skills, prompts, chosen, built, time.perf_counter() - t0))
-        if "arrow" in routers:  # the paper's own scores, without our centring (routers.py), for comparison
-            from skillgraft.route.routers import Router
-
-            routers["arrow-uncentred"] = Router("arrow", sorted(shas), shas, {})
-            t0 = time.perf_counter()
-            chosen = routers["arrow-uncentred"].choose(rt, [p for _, p in prompts], spec.batch_size)
-            routing.append(_routing_row("arrow-uncentred", 0, skills, prompts, chosen, 0.0, time.perf_counter() - t0))
         rows: list[dict[str, Any]] = []
 
         def run(name: str, kind: str, router: Any, route: str = "fixed", only: Sequence[str] = ()) -> dict[str, Any]:
@@ -290,7 +290,7 @@ def _transfer(
     sc["proxy+route:oracle"], _, _ = _score_fused(
         FusedModel(large, tok, pairs, "proxy", router=oracle), rows, spec.batch_size
     )
-    if spec.alpha_grid:  # each expert's α chosen on its own skill's val rows (test rows untouched), then routed
+    if set(spec.alpha_grid) - {1.0}:  # each expert's α chosen on its skill's val rows (test rows untouched)
         tuned = []
         for s, pair in zip(full, pairs):
             val = _rows(manifest.data_path(s, "val"), per)
