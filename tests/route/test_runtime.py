@@ -164,3 +164,37 @@ def test_gpt2_conv1d_rows(tmp_path):
 class _Tok:
     pad_token_id = 0
     eos_token_id = 0
+
+
+def _stack_bytes(rt, slots):
+    """What the per-slot stacks must hold: per patched module, ``slots`` × (in + out) × the widest rank."""
+    total = 0
+    for name, m in rt._modules.items():
+        rank = max(rt.skills[k].factors[name].rank for k in rt.lora_keys if name in rt.skills[k].factors)
+        total += slots * (m.shape[0] + m.shape[1]) * rank * torch.finfo(m.dtype).bits // 8
+    return total
+
+
+def test_runtime_bytes_follow_the_skills_not_the_requests(setup):
+    """The stacks hold one slot per LoRA skill (plus the base's zeros) and per weighted mix seen: serving more
+    requests with the same skills adds nothing; a new weighted mix adds one slot; drop_mixes gives it back."""
+    tok, base, _, _, packs = setup
+    rt = SkillRuntime(copy.deepcopy(base), tok)
+    rt.load(packs["a"], key="a")
+    own = rt.nbytes()
+    assert own == rt.skills["a"].nbytes  # stacks are built on first use
+    rt.load(packs["b"], key="b")
+    mixes = [(("a", 1.0),), (("b", 1.0),), ()] * 2
+    params = GenerateParams(max_new_tokens=3, batch_size=6)
+    rt.generate(PROMPTS, mixes, params)
+    factors = rt.skills["a"].nbytes + rt.skills["b"].nbytes
+    served = rt.nbytes()
+    assert rt.mixes == 3 and served == factors + _stack_bytes(rt, 3)
+    for _ in range(3):  # more requests, same skills: not a byte more
+        rt.generate(PROMPTS[::-1], mixes[::-1], params)
+    assert rt.nbytes() == served
+    rt.generate(PROMPTS[:1], [(("a", 0.5), ("b", 0.5))], params)
+    assert rt.mixes == 4 and rt.nbytes() == factors + _stack_bytes(rt, 4)
+    rt.drop_mixes()
+    rt.generate(PROMPTS, mixes, params)
+    assert rt.mixes == 3 and rt.nbytes() == served
