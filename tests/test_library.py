@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -292,6 +293,39 @@ def test_concurrent_adds_from_two_processes(tmp_path: Path) -> None:
     conn = sqlite3.connect(root / "index.sqlite")
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
+
+
+OPENER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from skillgraft.library import Library
+    for root in sys.argv[1:]:
+        go = Path(root + ".go")
+        while not go.exists():
+            time.sleep(0.0005)
+        with Library(root) as lib:
+            lib.list()
+    """
+)
+
+
+def test_four_processes_opening_a_new_library_at_once(tmp_path: Path) -> None:
+    # The first opener switches a new index to WAL; SQLite refuses that switch at once (no busy wait)
+    # while another process opens the same new file. Before openers retried, ~6% of them failed here.
+    roots = [str(tmp_path / f"lib{i}") for i in range(25)]
+    procs = [subprocess.Popen([sys.executable, "-c", OPENER, *roots], stderr=subprocess.PIPE) for _ in range(4)]
+    time.sleep(1.0)  # the workers are waiting on the first go-file
+    for root in roots:
+        Path(root + ".go").touch()
+        time.sleep(0.05)
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    for root in roots:
+        conn = sqlite3.connect(Path(root) / "index.sqlite")
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
 
 
 def _corrupt(index: Path) -> None:

@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,6 +88,44 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _setup_index(conn: sqlite3.Connection, root: Path) -> None:
+    """Switch a fresh index to WAL and create (or check) its schema; safe to repeat."""
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        conn.execute("PRAGMA journal_mode = WAL")  # persistent: only the first opener of a new index does this
+    conn.execute("PRAGMA synchronous = NORMAL")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        conn.close()
+        raise LibraryError(
+            f"{root}: library index has schema version {version}, newer than this skillgraft's",
+            hint="upgrade skillgraft",
+        )
+    if version < SCHEMA_VERSION:
+        conn.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")  # idempotent: IF NOT EXISTS
+
+
+def _open_index(conn: sqlite3.Connection, root: Path, timeout_s: float = BUSY_TIMEOUT_MS / 1000) -> None:
+    """Run :func:`_setup_index`, retrying while SQLite answers "database is locked".
+
+    SQLite's busy handler does not cover every lock an opener can meet: switching a new index to WAL
+    needs an exclusive lock and fails at once (SQLITE_BUSY, no wait) while a second process opens the
+    same new file. Those races last milliseconds, so a short backoff settles them.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.002
+    while True:
+        try:
+            _setup_index(conn, root)
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                raise
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            time.sleep(delay)
+            delay = min(2 * delay, 0.1)
+
+
 class Library:
     """A skill library rooted at ``root`` (see :func:`default_root`).
 
@@ -114,17 +153,7 @@ class Library:
             self.root.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.root / "index.sqlite", timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                conn.close()
-                raise LibraryError(
-                    f"{self.root}: library index has schema version {version}, newer than this skillgraft's",
-                    hint="upgrade skillgraft",
-                )
-            if version < SCHEMA_VERSION:
-                conn.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")  # idempotent: IF NOT EXISTS
+            _open_index(conn, self.root)
         except sqlite3.DatabaseError as e:
             raise LibraryError(
                 f"{self.root / 'index.sqlite'}: cannot open the library index ({e})", hint=REINDEX
