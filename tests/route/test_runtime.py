@@ -198,3 +198,49 @@ def test_runtime_bytes_follow_the_skills_not_the_requests(setup):
     rt.drop_mixes()
     rt.generate(PROMPTS, mixes, params)
     assert rt.mixes == 3 and rt.nbytes() == served
+
+
+def test_arrow_token_scores_are_centred_on_the_base_mean_input(setup, tmp_path):
+    """Per-token Arrow picks argmax |⟨vᵢ, x − μ⟩| (μ: the module's mean input on text the base samples, the
+    prompt router's centres), and ``arrow_centred=False`` argmax |⟨vᵢ, x⟩|; the pick's own factors apply to x."""
+    from skillgraft.route.runtime import arrow_centres
+
+    tok, base, _, _, _ = setup
+    base = copy.deepcopy(base)
+    with torch.no_grad():  # a direction every token's embedding shares, as real LMs' inputs do (the reason to centre)
+        base.model.embed_tokens.weight += 2.0 * torch.randn(
+            base.config.hidden_size, generator=torch.Generator().manual_seed(0)
+        )
+    base_dir = save(base, tmp_path / "base")
+    for name, seed in [("x", 11), ("y", 12)]:  # both on the same modules, so every token has a real choice
+        _adapter(base, tmp_path / name, seed, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+        import_lora(tmp_path / name, tmp_path / f"{name}.skill", base=base_dir)
+    ids = torch.randint(0, len(tok), (3, 9), generator=torch.Generator().manual_seed(4))
+    module = "model.layers.1.self_attn.v_proj"
+    picks = {}
+    for centred in (True, False):
+        rt = SkillRuntime(copy.deepcopy(base), tok, arrow_top_k=1, arrow_centred=centred)
+        for name in ("x", "y"):
+            rt.load(tmp_path / f"{name}.skill", key=name)
+        mod = dict(rt.model.named_modules())[module]
+        seen = {}
+        hook = mod.register_forward_hook(lambda m, a, o, seen=seen: seen.update(x=a[0], out=o))  # after the runtime's
+        with rt.rows([ARROW_MIX] * 3):
+            _logits(rt.model, ids)
+        hook.remove()
+        x = seen["x"]
+        facs = [rt.skills[k].factors[module] for k in ("x", "y")]
+        mu = arrow_centres(rt, [module])[module] if centred else torch.zeros(x.shape[-1])
+        assert sorted(rt._arrow_mu) == (
+            sorted({n for k in ("x", "y") for n in rt.skills[k].factors}) if centred else []
+        )
+        if centred:
+            torch.testing.assert_close(rt._arrow_mu[module], mu, atol=0, rtol=0)
+        pick = ((x - mu) @ torch.stack([f.prototype() for f in facs]).T).abs().argmax(-1)  # [B, T]
+        extra = torch.stack([x @ f.p @ f.q for f in facs])  # [2, B, T, out]
+        want = torch.where(pick[..., None] == 0, extra[0], extra[1])
+        got = seen["out"] - torch.nn.functional.linear(x, mod.weight, mod.bias)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        picks[centred] = pick
+    assert not torch.equal(picks[True], picks[False])  # centring does change some tokens' choices
+    assert 0 < int(picks[True].sum()) < picks[True].numel()  # and each skill wins some tokens
