@@ -183,7 +183,7 @@ def route_study(
     cache: Path = CACHE,
     skill: list[str] = SKILLS,
     router: list[str] = typer.Option([], "--router", help="arrow, centroid, classifier (repeatable; default: all)."),
-    arrow_token: bool = typer.Option(True, "--arrow-token/--no-arrow-token", help="Also Arrow routing per token (centred, and uncentred as published)."),
+    arrow_token: bool = typer.Option(True, "--arrow-token/--no-arrow-token", help="Also Arrow routing per token."),
     centroid_examples: int = typer.Option(8, "--centroid-examples", help="Labelled training prompts per skill."),
     classifier_examples: int = typer.Option(64, "--classifier-examples", help="Labelled training prompts per skill."),
     limit: int = typer.Option(50, help="Test examples per skill in the mixed set."),

@@ -17,8 +17,8 @@ so a router's choice never depends on which skills are loaded.
   samples itself (``arrow_centres``: ``CALIBRATION`` sequences from BOS, seeded). Centring is our change to the
   paper, which scores |⟨vᵢ, x⟩| / ‖x‖: module inputs share a large common component, and a skill whose top
   direction leans on it wins every prompt (measured in docs/benchmarks.md). A router without centres in its state
-  (``Router("arrow", …, state={})``) scores as published. Per token (the paper's own routing) is
-  ``SkillRuntime``'s ``ARROW_MIX``, centred the same way unless ``arrow_centred=False``.
+  (``Router("arrow", …, state={})``) scores as published. Per token (the paper's own routing, uncentred) is
+  ``SkillRuntime``'s ``ARROW_MIX``.
 * ``centroid`` — the nearest per-skill mean feature (cosine) of a few example prompts per skill.
 * ``classifier`` — multinomial logistic regression (L2, full-batch L-BFGS) on the same features.
 """
@@ -38,11 +38,12 @@ from safetensors.torch import load_file, save_file
 
 from skillgraft.errors import FormatError, InputError
 from skillgraft.eval.generate import encode_prompt, left_pad
-from skillgraft.route.runtime import Mix, SkillRuntime, arrow_centres
+from skillgraft.route.runtime import Mix, SkillRuntime
 
 METHODS = ("arrow", "centroid", "classifier")
 FORMAT = "skillgraft-router/1"
 L2 = 1e-3  # classifier weight decay (on unit-length features)
+CALIBRATION = (32, 48)  # Arrow's centres: sequences the base samples, and tokens each (capped by its context)
 CENTRE = "centre:"  # state key prefix of Arrow's per-module mean inputs
 MAX_POOL = "pool:max"  # state marker: centroid/classifier features are max-pooled (older routers: mean)
 
@@ -121,6 +122,52 @@ def features(runtime: SkillRuntime, prompts: Sequence[str], batch_size: int = 16
         m = batch["attention_mask"][..., None].bool()
         out.append(h.masked_fill(~m, float("-inf")).amax(1) if pool == "max" else (h * m).sum(1) / m.sum(1))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def arrow_centres(runtime: SkillRuntime, modules: Sequence[str], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Each module's mean input on the base (no skill applied), over ``CALIBRATION`` sequences the base samples
+    from BOS at temperature 1 (seeded; the global RNG is left as it was) — no labels, no data."""
+    model, tok = runtime.model, runtime.tok
+    n, length = CALIBRATION
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    length = min(length, limit - 1) if limit else length
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if start is None:
+        raise InputError("Arrow's centres need the tokenizer's BOS or EOS token to start sampling from")
+    device = next(model.parameters()).device
+    ids = torch.full((n, 1), int(start), dtype=torch.long, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        seqs = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            min_new_tokens=length,
+            max_new_tokens=length,
+            pad_token_id=int(start),
+        )
+    sums: dict[str, list] = {m: [0.0, 0] for m in modules}
+    named = dict(model.named_modules())
+
+    def hook(name: str) -> Any:
+        def fn(module: Any, args: tuple, output: Any) -> None:
+            x = args[0].float()
+            sums[name][0] = sums[name][0] + x.sum((0, 1))
+            sums[name][1] += x.shape[0] * x.shape[1]
+
+        return fn
+
+    handles = [named[m].register_forward_hook(hook(m)) for m in modules]
+    try:
+        model(input_ids=seqs, attention_mask=torch.ones_like(seqs), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {m: (s / c).cpu() for m, (s, c) in sums.items()}
 
 
 @torch.no_grad()

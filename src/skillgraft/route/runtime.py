@@ -5,10 +5,7 @@ LoRA-form skills (``route.lora``) run unmerged. Every patched module keeps, per 
 and a forward hook adds ``bmm(bmm(x, P[slot_of_row]), Q[slot_of_row])`` — a grouped low-rank matmul, so rows
 that use different skills share the base's matmuls. A mix ``[(a, wa), (b, wb)]`` is one slot with the factors
 concatenated: ``x [Pa Pb] [wa·Qa; wb·Qb] = wa·x Pa Qa + wb·x Pb Qb`` exactly. Slot ``ARROW`` routes every token
-of a row at every module by Arrow (Ostapenko et al., 2024: the top-k skills by ``|⟨vᵢ, x⟩|``, softmax-weighted),
-centred as the prompt router is (``|⟨vᵢ, x − μ⟩|``, μ the module's mean input on text the base samples itself,
-computed once per module on first use; ``arrow_centred=False`` scores as published). Centring changes the scores
-only: the chosen skills' factors still apply to x.
+of a row at every module by Arrow (Ostapenko et al., 2024: the top-k skills by ``|⟨vᵢ, x⟩|``, softmax-weighted).
 Skills with dense or sparse entries are hot-swapped instead: ``skill.apply`` patches the weights, the rows that
 use them run, ``unapply`` restores the base bit for bit; nothing is reloaded.
 """
@@ -34,53 +31,6 @@ from skillgraft.skill.pack import SkillPack
 Mix = tuple[tuple[str, float], ...]  # skill keys and weights for one request; () is the base alone
 ARROW = "arrow"  # the per-token Arrow mix (a request's ``route="arrow-token"``)
 ARROW_MIX: Mix = ((ARROW, 1.0),)
-CALIBRATION = (32, 48)  # Arrow's centres: sequences the base samples, and tokens each (capped by its context)
-
-
-@torch.no_grad()
-def arrow_centres(runtime: SkillRuntime, modules: Sequence[str], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Each module's mean input on the base (no skill applied), over ``CALIBRATION`` sequences the base samples
-    from BOS at temperature 1 (seeded; the global RNG is left as it was) — no labels, no data."""
-    model, tok = runtime.model, runtime.tok
-    n, length = CALIBRATION
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    length = min(length, limit - 1) if limit else length
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    if start is None:
-        raise InputError("Arrow's centres need the tokenizer's BOS or EOS token to start sampling from")
-    device = next(model.parameters()).device
-    ids = torch.full((n, 1), int(start), dtype=torch.long, device=device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        seqs = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            min_new_tokens=length,
-            max_new_tokens=length,
-            pad_token_id=int(start),
-        )
-    sums: dict[str, list] = {m: [0.0, 0] for m in modules}
-    named = dict(model.named_modules())
-
-    def hook(name: str) -> Any:
-        def fn(module: Any, args: tuple, output: Any) -> None:
-            x = args[0].float()
-            sums[name][0] = sums[name][0] + x.sum((0, 1))
-            sums[name][1] += x.shape[0] * x.shape[1]
-
-        return fn
-
-    handles = [named[m].register_forward_hook(hook(m)) for m in modules]
-    try:
-        model(input_ids=seqs, attention_mask=torch.ones_like(seqs), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {m: (s / c).cpu() for m, (s, c) in sums.items()}
 
 
 @dataclass
@@ -122,14 +72,12 @@ class SkillRuntime:
     >>> rt.generate(["...", "..."], [(("cipher@1", 1.0),), (("units@1", 1.0),)], GenerateParams(16))
     """
 
-    def __init__(self, model: Any, tokenizer: Any, arrow_top_k: int = 1, arrow_centred: bool = True) -> None:
+    def __init__(self, model: Any, tokenizer: Any, arrow_top_k: int = 1) -> None:
         self.model, self.tok = model.eval(), tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.skills: dict[str, LoadedSkill] = {}
         self.arrow_top_k = arrow_top_k
-        self.arrow_centred = arrow_centred
-        self._arrow_mu: dict[str, torch.Tensor] = {}  # per-token Arrow's centres, per module (kept across skills)
         self._slots: dict[Mix, int] = {(): 0}
         self._modules: dict[str, _Module] = {}
         self._hooks: dict[str, Any] = {}
@@ -173,8 +121,7 @@ class SkillRuntime:
         stacks = sum(
             (m.p.numel() + m.q.numel()) * m.p.element_size() for m in self._modules.values() if m.p is not None
         )
-        centres = sum(4 * mu.numel() for mu in self._arrow_mu.values())
-        return stacks + centres + sum(s.nbytes for s in self.skills.values())
+        return stacks + sum(s.nbytes for s in self.skills.values())
 
     def check_mix(self, mix: Mix) -> None:
         for key, w in mix:
@@ -273,10 +220,7 @@ class SkillRuntime:
             m.arrow = self._build_arrow(name, m)
         v, p, q, rank = m.arrow
         n = v.shape[0]
-        if self.arrow_centred:
-            scores = ((x3 - self._arrow_mu[name].to(x3.dtype)) @ v.T).abs()  # [B, T, n]
-        else:
-            scores = (x3 @ v.T).abs()
+        scores = (x3 @ v.T).abs()  # [B, T, n]
         k = min(self.arrow_top_k, n)
         top, idx = scores.topk(k, -1)
         weights = torch.zeros_like(scores).scatter_(-1, idx, torch.softmax(top, -1))  # [B, T, n]
@@ -290,7 +234,6 @@ class SkillRuntime:
             self.check_mix(mix)
             if self._dense(mix):
                 raise InputError("rows() takes LoRA-form skills only; dense skills are hot-swapped by generate()")
-        self._arrow_ready(mixes)
         self._set_rows(mixes)
         try:
             yield
@@ -327,16 +270,6 @@ class SkillRuntime:
         self._slots = {(): 0, **{m: i + 1 for i, m in enumerate(keep)}}
         self._invalidate()
 
-    def _arrow_ready(self, mixes: Sequence[Mix]) -> None:
-        """Before rows are set: the centres of every LoRA module not yet centred, when a row routes per token."""
-        if not self.arrow_centred or ARROW_MIX not in mixes:
-            return
-        names = {n for s in self.skills.values() if s.factors for n in s.factors}
-        missing = sorted(names - set(self._arrow_mu))
-        if missing:
-            assert self._rows is None  # the base alone: the centres never depend on which skills are loaded
-            self._arrow_mu.update(arrow_centres(self, missing))
-
     def _set_rows(self, mixes: Sequence[Mix]) -> None:
         self._rows = torch.tensor([0 if mix == ARROW_MIX else self._slot(mix) for mix in mixes], dtype=torch.long)
         arrow = torch.tensor([mix == ARROW_MIX for mix in mixes])
@@ -357,7 +290,6 @@ class SkillRuntime:
 
     def _run(self, mixes: Sequence[Mix], n: int, call: Any) -> list[Any]:
         out: list[Any] = [None] * n
-        self._arrow_ready(mixes)
         for swap, idx in self._groups(mixes):
             if swap is not None:
                 if any(k == ARROW for k, _ in swap):

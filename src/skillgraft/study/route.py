@@ -10,9 +10,8 @@ with its own skill's format (no skill label is given to the model). Measured, al
   per skill) — the fraction of mixed prompts sent to their own skill, per skill, and the confusion counts;
 * **end to end**, per skill and normalized by each expert's own accuracy on its skill: the base alone, each
   expert on its own prompts (the oracle router: ≡ 100% normalized), every router, Arrow per token
-  (``arrow-token``, centred as the prompt router is; ``arrow-token-uncentred`` as published), and the two
-  training-free merges the runtime computes exactly in one slot — all skills at 1/n (linear) and at 1 (task
-  arithmetic, λ 1);
+  (``arrow-token``), and the two training-free merges the runtime computes exactly in one slot — all skills at
+  1/n (linear) and at 1 (task arithmetic, λ 1);
 * on profiles with a larger base (the tiny ``full`` profile), **multi-skill logit transfer** on the mixed
   prompts: the small full-fine-tuned experts steering the large base all at once, with the prompt gate, with
   each router (centroid/classifier on the large base's hidden states), and with the oracle choice; gap closed
@@ -152,13 +151,8 @@ def run_route_study(spec: RouteStudySpec, progress: ProgressFn = no_progress) ->
         run("base", "base", _Fixed(()))
         for method, router in routers.items():
             run(f"routed:{method}", "router", router, "arrow" if method == "arrow-uncentred" else method)
-        if spec.arrow_token:  # centred (the runtime's default), then as published
+        if spec.arrow_token:
             run("routed:arrow-token", "router", None, "arrow-token")
-            rt.arrow_centred = False
-            try:
-                run("routed:arrow-token-uncentred", "router", None, "arrow-token")
-            finally:
-                rt.arrow_centred = True
         run("merge:linear (1/n)", "merge", _Fixed(tuple((s, 1.0 / len(skills)) for s in skills)))
         run("merge:task_arithmetic (λ 1)", "merge", _Fixed(tuple((s, 1.0) for s in skills)))
         for row in rows:
